@@ -1,0 +1,15 @@
+"""Catalog errors, typed like the rest of the pipeline so flows can report the failing step."""
+
+from __future__ import annotations
+
+from tasks.errors import StemworksError
+
+
+class CatalogError(StemworksError):
+    """The catalog file or its contents do not allow the operation (unknown run, duplicate run, newer schema)."""
+
+    step = "catalog"
+
+
+class CatalogValidationError(CatalogError):
+    """A record broke the catalog schema; the message names the table, column and check. Nothing was written."""

@@ -1,0 +1,198 @@
+"""The `stemworks` command line: `separate`, `catalog query`, `model random`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError as SettingsError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+EXIT_OK, EXIT_TRACK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stemworks", description="Separate music into stems with Demucs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sep = commands.add_parser("separate", help="separate files, folders, globs or URLs into stems")
+    sep.add_argument("sources", nargs="+", metavar="SOURCE")
+    sep.add_argument("--out", default="./separated", help="output folder or fsspec URL (default ./separated)")
+    sep.add_argument("--model", default="htdemucs", help="Demucs model name (default htdemucs)")
+    sep.add_argument("--model-repo", metavar="DIR", help="local Demucs model repository, for offline use")
+    sep.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sep.add_argument("--format", choices=["wav", "flac", "mp3"], default="wav")
+    sep.add_argument("--bit-depth", type=int, choices=[16, 24, 32], default=16)
+    sep.add_argument("--mp3-bitrate", type=int, default=320, metavar="KBPS")
+    sep.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM")
+    sep.add_argument("--shifts", type=int, default=1, metavar="N")
+    sep.add_argument("--overlap", type=float, default=0.25, metavar="F")
+    sep.add_argument("--segment", type=float, metavar="SECONDS")
+    sep.add_argument("--max-seconds", type=float, metavar="S", help="longest accepted input (default 4 h)")
+    sep.add_argument("--max-file-mb", type=float, metavar="MB", help="largest accepted file (default 4096 MiB)")
+    sep.add_argument("--catalog", metavar="PATH", help="DuckDB catalog file (default $STEMWORKS_CATALOG or ./stemworks.duckdb)")
+    sep.add_argument("--work-dir", metavar="DIR", help="scratch space for intermediate audio")
+    sep.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs on the console")
+
+    cat = commands.add_parser("catalog", help="query the catalog")
+    cat_commands = cat.add_subparsers(dest="catalog_command", required=True)
+    query = cat_commands.add_parser("query", help="print the result of a SQL query over the catalog")
+    query.add_argument("sql")
+    query.add_argument("--catalog", metavar="PATH")
+    query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    model = commands.add_parser("model", help="model repository helpers")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    random = model_commands.add_parser("random", help="write an HTDemucs with random weights (tests, offline demos)")
+    random.add_argument("repo", metavar="DIR")
+    random.add_argument("--name", default="random_htdemucs")
+    random.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    random.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+class RichReporter:
+    """Overall bar plus one bar per track in flight; fed by tasks through `tasks.progress`."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.overall: TaskID = progress.add_task("library", total=None)
+        self.tracks: dict[str, TaskID] = {}
+
+    def planned(self, tracks: int) -> None:
+        self.progress.update(self.overall, total=tracks)
+
+    def track_started(self, source: str) -> None:
+        self.tracks[source] = self.progress.add_task(_short(source), total=1.0)
+
+    def step(self, source: str, step: str) -> None:
+        if source in self.tracks:
+            self.progress.update(self.tracks[source], description=f"{_short(source)} [{step}]")
+
+    def fraction(self, source: str, done: float) -> None:
+        if source in self.tracks:
+            self.progress.update(self.tracks[source], completed=done)
+
+    def track_finished(self, source: str, status: str) -> None:
+        task_id = self.tracks.pop(source, None)
+        if task_id is not None:
+            self.progress.remove_task(task_id)
+        self.progress.advance(self.overall)
+
+
+def _short(source: str, width: int = 40) -> str:
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def _settings(args: argparse.Namespace):
+    from tasks.settings import Limits, OutputSettings, SeparationSettings
+
+    limits: dict = {}
+    if args.max_seconds is not None:
+        limits["max_seconds"] = args.max_seconds
+    if args.max_file_mb is not None:
+        limits["max_file_bytes"] = int(args.max_file_mb * 1024 * 1024)
+    separation = SeparationSettings(model=args.model, model_repo=args.model_repo, device=args.device,
+                                    shifts=args.shifts, overlap=args.overlap, segment=args.segment,
+                                    two_stems=args.two_stems)
+    output = OutputSettings(out=args.out, format=args.format, bit_depth=args.bit_depth, mp3_bitrate=args.mp3_bitrate)
+    return separation, output, Limits(**limits)
+
+
+def run_separate(args: argparse.Namespace, console: Console) -> int:
+    if not args.verbose:  # the summary reports failures; logs still reach the Prefect API and UI
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        separation, output, limits = _settings(args)
+    except SettingsError as exc:
+        console.print(f"[red]stemworks: invalid settings:[/red] {_settings_message(exc)}")
+        return EXIT_USAGE
+    from flows.library import separate_library
+    from tasks.errors import ConfigurationError
+    from tasks.progress import reporting_to
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress, \
+                reporting_to(RichReporter(progress)):
+            summary = separate_library(args.sources, separation=separation, output=output, limits=limits,
+                                       catalog=args.catalog, work_root=args.work_dir)
+    except ConfigurationError as exc:
+        console.print(f"[red]stemworks: {exc}[/red]")
+        return EXIT_USAGE
+    print_summary(summary, console)
+    return EXIT_TRACK_FAILED if summary.count("failed") else EXIT_OK
+
+
+def _settings_message(exc: SettingsError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors())
+
+
+def print_summary(summary, console: Console) -> None:
+    console.print(f"[bold]{summary.count('succeeded')} succeeded, {summary.count('skipped')} skipped, "
+                  f"{summary.count('failed')} failed[/bold] (run {summary.run_id})")
+    console.print(f"stems:   {summary.out}")
+    console.print(f"catalog: {summary.catalog}")
+    for track in summary.tracks:
+        if track.status == "failed":
+            console.print(f"[red]FAILED[/red] {track.source}: {track.error} [dim](step: {track.error_step})[/dim]",
+                          highlight=False, soft_wrap=True)
+
+
+def run_query(args: argparse.Namespace, console: Console) -> int:
+    import duckdb
+
+    from catalog import Catalog, default_catalog_path
+
+    path = Path(args.catalog or default_catalog_path())
+    if not path.exists():
+        console.print(f"[red]stemworks: no catalog at {path}[/red]")
+        return EXIT_USAGE
+    try:
+        columns, rows = Catalog(path).query(args.sql)
+    except duckdb.Error as exc:
+        console.print(f"[red]stemworks: query failed: {exc}[/red]", highlight=False)
+        return EXIT_USAGE
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    elif args.format == "json":
+        print(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2))
+    else:
+        table = Table(*columns)
+        for row in rows:
+            table.add_row(*("" if v is None else str(v) for v in row))
+        console.print(table)
+    return EXIT_OK
+
+
+def run_model_random(args: argparse.Namespace, console: Console) -> int:
+    from tasks.model_repo import write_random_htdemucs
+
+    path = write_random_htdemucs(args.repo, args.name, args.size, args.seed)
+    console.print(f"wrote {path} (load with --model {args.name} --model-repo {args.repo})")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    if args.command == "separate":
+        return run_separate(args, console)
+    if args.command == "catalog":
+        return run_query(args, console)
+    return run_model_random(args, console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

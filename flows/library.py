@@ -1,0 +1,103 @@
+"""Flow `separate-library`: expand sources into tracks, separate each, carry on past failures."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from catalog import Catalog, default_catalog_path
+from flows.track import TrackFailed, now, run_record, separate_track
+from flows.workarea import default_work_root
+from tasks.errors import SourceError
+from tasks.progress import reporter
+from tasks.publish import safe_name
+from tasks.records import Record, RunSummary, TrackOutcome
+from tasks.separate import load_model
+from tasks.settings import Limits, OutputSettings, SeparationSettings
+from tasks.storage import expand_sources, normalise, redact
+
+
+class TrackResult(Record):
+    source: str
+    status: Literal["succeeded", "failed", "skipped"]
+    error: str | None = None
+    error_step: str | None = None
+    manifest_uri: str | None = None
+    audio_seconds: float | None = None
+
+
+class LibrarySummary(Record):
+    run_id: str
+    flow_run_id: str | None
+    catalog: str
+    out: str
+    tracks: list[TrackResult] = Field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for t in self.tracks if t.status == status)
+
+
+def _result(outcome: TrackOutcome) -> TrackResult:
+    return TrackResult(source=outcome.source, status=outcome.status, error=outcome.error,
+                       error_step=outcome.error_step, audio_seconds=outcome.audio_seconds,
+                       manifest_uri=outcome.published.manifest_uri if outcome.published else None)
+
+
+def _unrecorded_failure(source: str, exc: Exception) -> TrackOutcome:
+    return TrackOutcome(source=source, status="failed", error=f"{type(exc).__name__}: {exc}",
+                        error_step=getattr(exc, "step", "record"), started_at=now(), finished_at=now())
+
+
+def _unexpandable(source: str, reason: str, started) -> TrackOutcome:
+    return TrackOutcome(source=source, status="failed", error=reason, error_step=SourceError.step,
+                        started_at=started, finished_at=now())
+
+
+@flow(name="separate-library", persist_result=False)
+def separate_library(sources: list[str], separation: SeparationSettings = SeparationSettings(),
+                     output: OutputSettings = OutputSettings(), limits: Limits = Limits(),
+                     catalog: str | None = None, work_root: str | None = None) -> LibrarySummary:
+    """Separate every track found in `sources` (files, folders, globs, URLs) and record the run."""
+    logger = get_run_logger()
+    catalog_path = str(catalog or default_catalog_path())
+    store = Catalog(catalog_path)
+    run_id = uuid.uuid4().hex
+    _, model_info, device = load_model(separation)  # fails the run early on a bad model or device
+    record = run_record(run_id=run_id, flow_name="separate-library", sources=sources, separation=separation,
+                        output=output, limits=limits, model_signature=model_info.signature, device=device)
+    store.start_run(record)
+    summary = LibrarySummary(run_id=run_id, flow_run_id=record.flow_run_id, catalog=catalog_path,
+                             out=redact(normalise(output.out)))
+    expanded = expand_sources(sources)
+    logger.info("run %s: %d tracks from %d sources", run_id, len(expanded.tracks), len(sources))
+    reporter().planned(len(expanded.tracks) + len(expanded.problems))
+    for source, reason in expanded.problems:
+        outcome = _unexpandable(source, reason, now())
+        store.record_track(run_id, outcome)
+        reporter().track_finished(source, "failed")
+        summary.tracks.append(_result(outcome))
+    work = work_root or default_work_root()
+    for source in expanded.tracks:
+        name = safe_name(source.rstrip("/").rsplit("/", 1)[-1])[:60]
+        try:
+            outcome = separate_track.with_options(flow_run_name=f"track-{name}")(
+                source, separation=separation, output=output, limits=limits, catalog=catalog_path,
+                work_root=work, run_id=run_id)
+        except TrackFailed as failed:
+            outcome = failed.outcome
+            logger.warning("%s failed at %s: %s", outcome.source, outcome.error_step, outcome.error)
+        except Exception as exc:  # noqa: BLE001 - e.g. the catalog write itself failed; keep going
+            outcome = _unrecorded_failure(redact(source), exc)
+            logger.error("%s could not be processed or recorded: %s", outcome.source, outcome.error)
+        summary.tracks.append(_result(outcome))
+    store.finish_run(RunSummary(
+        run_id=run_id, finished_at=now(), status="completed", tracks_total=len(summary.tracks),
+        tracks_succeeded=summary.count("succeeded"), tracks_failed=summary.count("failed"),
+        tracks_skipped=summary.count("skipped"),
+        audio_seconds=sum(t.audio_seconds or 0.0 for t in summary.tracks if t.status == "succeeded")))
+    logger.info("run %s: %d succeeded, %d skipped, %d failed", run_id, summary.count("succeeded"),
+                summary.count("skipped"), summary.count("failed"))
+    return summary

@@ -1,0 +1,172 @@
+"""Flow `separate-track`: one source through fetch → validate → decode → separate → quality-score → publish."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, runtime
+
+from catalog import Catalog, default_catalog_path
+from tasks import steps
+from tasks.errors import StemworksError
+from tasks.progress import reporter
+from tasks.publish import manifest_is_complete, published_manifest, track_folder
+from tasks.records import PublishedTrack, RunRecord, RunSummary, TrackOutcome
+from tasks.separate import load_model
+from tasks.settings import Limits, OutputSettings, SeparationSettings, job_key
+from tasks.storage import normalise, redact
+from tasks.version import code_version
+from flows.workarea import default_work_root
+
+
+class TrackFailed(Exception):
+    """Raised by `separate-track` so Prefect marks the flow run Failed; carries the recorded outcome."""
+
+    def __init__(self, outcome: TrackOutcome) -> None:
+        super().__init__(f"{outcome.source}: {outcome.error} (step: {outcome.error_step})")
+        self.outcome = outcome
+
+    def __reduce__(self):
+        return (TrackFailed, (self.outcome,))
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StepTimer:
+    """Times each step and remembers which one is running, so a failure names its step."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.seconds: dict[str, float] = {}
+        self.current: str | None = None
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.current = name
+        reporter().step(self.source, name)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 6)
+        self.current = None
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, StemworksError):
+        return exc.reason
+    return f"{type(exc).__name__}: {exc}"
+
+
+def find_existing(out: str, folder: str, key: str, catalog: Catalog) -> str | None:
+    """A complete manifest for this job: at its own folder, or wherever the catalog saw it published."""
+    found = published_manifest(out, folder, key)
+    if found is None:
+        recorded = catalog.published_manifest(key, normalise(out))
+        if recorded is not None and manifest_is_complete(recorded, key):
+            found = recorded
+    return found
+
+
+def process_track(source: str, *, run_id: str, separation: SeparationSettings, output: OutputSettings,
+                  limits: Limits, catalog: Catalog, work_root: str) -> TrackOutcome:
+    """Run every step for one source; return the outcome, never raise for a bad track."""
+    label = redact(source)
+    timer = StepTimer(label)
+    started = now()
+    work_dir = Path(work_root) / run_id / uuid.uuid4().hex
+    work_dir.mkdir(parents=True, exist_ok=True)
+    known: dict = {}
+    reporter().track_started(label)
+    try:
+        with timer.step("fetch"):
+            fetched = steps.fetch(source, str(work_dir), limits)
+        known.update(content_sha256=fetched.content_sha256, origin=fetched.origin)
+        _, model_info, _ = load_model(separation)
+        key = job_key(fetched.content_sha256, model_info.signature, separation, output)
+        known["job_key"] = key
+        folder = track_folder(source, key)
+        existing = find_existing(output.out, folder, key, catalog)
+        if existing is not None:
+            track_uri = existing.rsplit("/", 1)[0]
+            return TrackOutcome(source=label, status="skipped", started_at=started, finished_at=now(),
+                                step_seconds=timer.seconds, published=PublishedTrack(
+                                    manifest_uri=existing, track_uri=track_uri, stems=[]), **known)
+        with timer.step("validate"):
+            info = steps.validate(fetched, limits)
+        known["info"] = info
+        with timer.step("decode"):
+            decoded = steps.decode(fetched, info, model_info.sample_rate, limits, str(work_dir))
+        known["audio_seconds"] = decoded.seconds
+        with timer.step("separate"):
+            separated = steps.separate(decoded, separation, str(work_dir), label)
+        with timer.step("score"):
+            quality = steps.score(decoded, separated)
+        with timer.step("publish"):
+            published = steps.publish(out=output.out, folder=folder, key=key, run_id=run_id, fetched=fetched,
+                                      info=info, separated=separated, quality=quality, separation=separation,
+                                      output=output, work_dir=str(work_dir))
+        return TrackOutcome(source=label, status="succeeded", started_at=started, finished_at=now(),
+                            step_seconds=timer.seconds, quality=quality, published=published, **known)
+    except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
+        step = exc.step if isinstance(exc, StemworksError) else (timer.current or "unknown")
+        return TrackOutcome(source=label, status="failed", error=describe_error(exc), error_step=step,
+                            started_at=started, finished_at=now(), step_seconds=timer.seconds, **known)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def flow_run_id() -> str | None:
+    value = runtime.flow_run.id
+    return str(value) if value else None
+
+
+def run_record(*, run_id: str, flow_name: str, sources: list[str], separation: SeparationSettings,
+               output: OutputSettings, limits: Limits, model_signature: str | None, device: str | None) -> RunRecord:
+    return RunRecord(
+        run_id=run_id, flow_run_id=flow_run_id(), flow_name=flow_name, started_at=now(),
+        parameters={"separation": separation.model_dump(), "output": output.model_dump(),
+                    "limits": limits.model_dump()},
+        sources=[redact(s) for s in sources], out=redact(normalise(output.out)), model_name=separation.model,
+        model_signature=model_signature, device=device, code_version=code_version(), hostname=socket.gethostname())
+
+
+@flow(name="separate-track", persist_result=False)
+def separate_track(source: str, separation: SeparationSettings = SeparationSettings(),
+                   output: OutputSettings = OutputSettings(), limits: Limits = Limits(),
+                   catalog: str | None = None, work_root: str | None = None,
+                   run_id: str | None = None) -> TrackOutcome:
+    """Separate one source into stems, publish them with a manifest, and record the outcome.
+
+    Called by `separate-library` with its run id; run alone, it records a run of its own.
+    """
+    store = Catalog(catalog or default_catalog_path())
+    standalone = run_id is None
+    if standalone:
+        run_id = uuid.uuid4().hex
+        _, model_info, device = load_model(separation)
+        store.start_run(run_record(run_id=run_id, flow_name="separate-track", sources=[source], separation=separation,
+                                   output=output, limits=limits, model_signature=model_info.signature, device=device))
+    outcome = process_track(source, run_id=run_id, separation=separation, output=output, limits=limits,
+                            catalog=store, work_root=work_root or default_work_root())
+    outcome = outcome.model_copy(update={"flow_run_id": flow_run_id()})
+    store.record_track(run_id, outcome)
+    reporter().track_finished(outcome.source, outcome.status)
+    if standalone:
+        store.finish_run(RunSummary(
+            run_id=run_id, finished_at=now(), status="completed" if outcome.status != "failed" else "failed",
+            tracks_total=1, tracks_succeeded=int(outcome.status == "succeeded"),
+            tracks_failed=int(outcome.status == "failed"), tracks_skipped=int(outcome.status == "skipped"),
+            audio_seconds=outcome.audio_seconds or 0.0))
+    if outcome.status == "failed":
+        raise TrackFailed(outcome)
+    return outcome

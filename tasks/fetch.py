@@ -1,0 +1,48 @@
+"""Copy a source (local path or fsspec URL) into the run's work area, hashing the bytes on the way."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tasks.errors import FetchError, ValidationError
+from tasks.records import FetchedSource
+from tasks.settings import Limits
+from tasks.storage import filesystem, redact
+
+CHUNK_BYTES = 1 << 20
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def fetch(source: str, work_dir: str | Path, limits: Limits) -> FetchedSource:
+    """Copy `source` to `work_dir`; the size limit is enforced while copying, not after."""
+    label = redact(source)
+    target = Path(work_dir) / ("source" + _suffix(source))
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        fs, path = filesystem(source)
+        with fs.open(path, "rb") as reader, open(target, "wb") as writer:
+            while chunk := reader.read(CHUNK_BYTES):
+                size += len(chunk)
+                if size > limits.max_file_bytes:
+                    raise ValidationError(f"file is over the limit of {limits.max_file_bytes} bytes",
+                                          source=label)
+                digest.update(chunk)
+                writer.write(chunk)
+    except ValidationError:
+        target.unlink(missing_ok=True)
+        raise
+    except _PERMANENT as exc:
+        target.unlink(missing_ok=True)
+        raise FetchError(f"cannot read source: {exc.strerror or exc}", source=label, retryable=False) from None
+    except (OSError, TimeoutError) as exc:
+        target.unlink(missing_ok=True)
+        raise FetchError(f"transient error while reading: {exc}", source=label, retryable=True) from None
+    return FetchedSource(source=label, local_path=str(target), content_sha256=digest.hexdigest(), size_bytes=size)
+
+
+def _suffix(source: str) -> str:
+    name = source.rsplit("/", 1)[-1].split("?", 1)[0]
+    suffix = "".join(Path(name).suffixes[-2:]).lower()
+    return suffix if len(suffix) <= 12 and suffix.replace(".", "").isalnum() else ""

@@ -1,0 +1,164 @@
+"""Encode stems and publish a track's folder atomically: stems first, `manifest.json` last.
+
+Readers trust only what a manifest lists. On local disk the whole folder appears at once
+(a directory rename); on object stores each object is written whole and the manifest goes last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import unicodedata
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from fsspec import AbstractFileSystem
+
+from tasks.encode import encode, extension
+from tasks.errors import PublishError
+from tasks.records import AudioInfo, FetchedSource, PublishedStem, PublishedTrack, SeparatedStems, TrackQuality
+from tasks.settings import OutputSettings, SeparationSettings
+from tasks.storage import filesystem, is_local, join
+from tasks.version import code_version
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+STAGING = ".stemworks-staging"
+NAME_LIMIT = 80
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+_UNSAFE = re.compile(r"[^\w .()&+,'!-]+")
+
+
+def safe_name(text: str) -> str:
+    """A file-system-safe, readable name: no separators, control characters, `..` or reserved names."""
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C")
+    text = _UNSAFE.sub("_", text).strip(" .")
+    text = re.sub(r"\.{2,}", ".", text)[:NAME_LIMIT].strip(" .")
+    if not text or text.split(".")[0].lower() in _WINDOWS_RESERVED:
+        text = f"track_{text}" if text else "track"
+    return text
+
+
+def track_folder(source: str, key: str) -> str:
+    """Readable name plus the job key's prefix: same-named files from different folders never collide."""
+    name = PurePosixPath(source.split("?", 1)[0].rstrip("/")).name
+    for suffix in (".stem.mp4", ".stem.m4a"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = PurePosixPath(name).stem
+    return f"{safe_name(name)}-{key[:12]}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def published_manifest(out: str, folder: str, key: str) -> str | None:
+    """URI of a complete manifest for `key` at out/folder, or None."""
+    uri = join(out, folder, MANIFEST)
+    return uri if manifest_is_complete(uri, key) else None
+
+
+def manifest_is_complete(manifest_uri: str, key: str) -> bool:
+    """True when the manifest is for `key` and every stem it lists exists with its listed size."""
+    fs, path = filesystem(manifest_uri)
+    try:
+        manifest = json.loads(fs.cat_file(path))
+        folder = str(PurePosixPath(path).parent)
+        return manifest.get("job_key") == key and all(
+            fs.size(f"{folder}/{stem['file']}") == stem["bytes"] for stem in manifest["stems"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return False
+
+
+def encode_stems(separated: SeparatedStems, output: OutputSettings, work_dir: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for stem, npy in separated.paths.items():
+        target = work_dir / f"{stem}.{extension(output)}"
+        encode(np.load(npy), separated.sample_rate, target, output)
+        files[stem] = target
+    return files
+
+
+def build_manifest(*, key: str, run_id: str, fetched: FetchedSource, info: AudioInfo, separated: SeparatedStems,
+                   quality: TrackQuality, separation: SeparationSettings, output: OutputSettings,
+                   files: dict[str, Path]) -> dict:
+    seconds = separated.frames / separated.sample_rate
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "job_key": key,
+        "run_id": run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "source": fetched.source,
+        "origin": fetched.origin,
+        "content_sha256": fetched.content_sha256,
+        "source_audio": info.model_dump(),
+        "model": {"name": separated.model.name, "signature": separated.model.signature},
+        "device": separated.device,
+        "parameters": {"separation": separation.model_dump(exclude={"model_repo", "device"}),
+                       "output": output.model_dump(exclude={"out"})},
+        "sample_rate": separated.sample_rate,
+        "seconds": seconds,
+        "residual_db": quality.residual_db,
+        "stems": [{"stem": stem, "file": path.name, "sha256": _file_sha256(path), "bytes": path.stat().st_size,
+                   "seconds": seconds} for stem, path in files.items()],
+        "code_version": code_version(),
+    }
+
+
+def publish(*, out: str, folder: str, manifest: dict, files: dict[str, Path]) -> PublishedTrack:
+    fs, root = filesystem(out)
+    try:
+        if is_local(fs):
+            _publish_local(Path(root), folder, manifest, files)
+        else:
+            _publish_remote(fs, f"{root}/{folder}", manifest, files)
+    except OSError as exc:
+        raise PublishError(f"writing to {join(out, folder)} failed: {exc}", source=manifest["source"]) from None
+    stems = [PublishedStem(stem=s["stem"], uri=join(out, folder, s["file"]), sha256=s["sha256"],
+                           seconds=s["seconds"], bytes=s["bytes"], format=Path(s["file"]).suffix[1:])
+             for s in manifest["stems"]]
+    return PublishedTrack(manifest_uri=join(out, folder, MANIFEST), track_uri=join(out, folder), stems=stems)
+
+
+def _manifest_bytes(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
+def _publish_local(root: Path, folder: str, manifest: dict, files: dict[str, Path]) -> None:
+    staging = root / STAGING / uuid.uuid4().hex
+    staging.mkdir(parents=True)
+    try:
+        for path in files.values():
+            shutil.copyfile(path, staging / path.name)
+        (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
+        final = root / folder
+        if final.exists():  # an incomplete earlier attempt: set it aside, then swap in the new folder
+            stale = root / STAGING / f"{uuid.uuid4().hex}-stale"
+            final.rename(stale)
+            staging.rename(final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish_remote(fs: AbstractFileSystem, folder: str, manifest: dict, files: dict[str, Path]) -> None:
+    manifest_path = f"{folder}/{MANIFEST}"
+    if fs.exists(manifest_path):  # stale manifest must not vouch for objects we are about to replace
+        fs.rm_file(manifest_path)
+    for path in files.values():
+        fs.put_file(str(path), f"{folder}/{path.name}")
+    fs.pipe_file(manifest_path, _manifest_bytes(manifest))

@@ -1,0 +1,137 @@
+"""Small records passed between tasks and into the catalog. Audio never travels in them: only paths."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TrackStatus = Literal["succeeded", "failed", "skipped"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class FetchedSource(Record):
+    source: str = Field(description="The source as the user gave it (path or URL), credentials removed.")
+    local_path: str = Field(description="Copy of the bytes in the run's work area.")
+    content_sha256: str
+    size_bytes: int
+    origin: dict[str, str | None] = Field(default_factory=dict,
+                                          description="Where the bytes came from (URL, extractor, title...).")
+
+
+class AudioInfo(Record):
+    container: str
+    codec: str
+    stream_index: int = Field(description="Audio stream that holds the mixture (0 for NI stem files).")
+    audio_streams: int
+    sample_rate: int
+    channels: int
+    seconds: float = Field(description="Duration claimed by the container; decode re-checks it on the samples.")
+    is_stem_file: bool = False
+
+
+class DecodedAudio(Record):
+    path: str = Field(description="float32 .npy of shape (2, frames) at the model's sample rate.")
+    sample_rate: int
+    frames: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+class ModelInfo(Record):
+    name: str
+    signature: str = Field(description="sha256 prefix over the weights: changes whenever the weights do.")
+    sources: list[str]
+    sample_rate: int
+    audio_channels: int
+
+
+class SeparatedStems(Record):
+    paths: dict[str, str] = Field(description="Stem name -> float32 .npy of shape (2, frames).")
+    sample_rate: int
+    frames: int
+    model: ModelInfo
+    device: str
+
+
+class StemQuality(Record):
+    stem: str
+    peak_dbfs: float
+    rms_dbfs: float
+    silence_ratio: float = Field(description="Share of 50 ms frames below -60 dBFS.")
+    clipped_ratio: float = Field(description="Share of samples at or beyond full scale.")
+    energy_share_db: float = Field(description="Stem energy relative to the mixture's, in dB.")
+
+
+class TrackQuality(Record):
+    residual_db: float = Field(description="Energy of mixture minus sum of stems, relative to the mixture, in dB.")
+    stems: list[StemQuality]
+
+
+class PublishedStem(Record):
+    stem: str
+    uri: str
+    sha256: str
+    seconds: float
+    bytes: int
+    format: str
+
+
+class PublishedTrack(Record):
+    manifest_uri: str
+    track_uri: str = Field(description="Folder (prefix) holding the track's stems and manifest.")
+    stems: list[PublishedStem]
+
+
+class TrackOutcome(Record):
+    """Everything the catalog records about one source in one run."""
+
+    source: str
+    status: TrackStatus
+    content_sha256: str | None = None
+    job_key: str | None = None
+    error: str | None = None
+    error_step: str | None = None
+    started_at: datetime
+    finished_at: datetime
+    step_seconds: dict[str, float] = Field(default_factory=dict)
+    audio_seconds: float | None = None
+    info: AudioInfo | None = None
+    origin: dict[str, str | None] = Field(default_factory=dict)
+    quality: TrackQuality | None = None
+    published: PublishedTrack | None = None
+    flow_run_id: str | None = None
+
+
+class RunRecord(Record):
+    """One flow run of separate-library, as recorded when it starts."""
+
+    run_id: str
+    flow_run_id: str | None = None
+    flow_name: str
+    started_at: datetime
+    parameters: dict = Field(description="Flow parameters as JSON-able data (no secrets).")
+    sources: list[str]
+    out: str
+    model_name: str
+    model_signature: str | None = None
+    device: str | None = None
+    code_version: str
+    hostname: str
+
+
+class RunSummary(Record):
+    run_id: str
+    finished_at: datetime
+    status: Literal["completed", "failed"]
+    tracks_total: int
+    tracks_succeeded: int
+    tracks_failed: int
+    tracks_skipped: int
+    audio_seconds: float

@@ -1,0 +1,137 @@
+"""Run Demucs on a decoded mixture. The model is loaded once per process and kept on its device."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from demucs.apply import BagOfModels, apply_model
+from demucs.pretrained import get_model
+from demucs.repo import ModelLoadingError
+
+from tasks.errors import ConfigurationError, SeparationError
+from tasks.progress import reporter
+from tasks.records import DecodedAudio, ModelInfo, SeparatedStems
+from tasks.settings import SeparationSettings
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError("device 'cuda' was requested but no CUDA device is available")
+    return requested
+
+
+@functools.lru_cache(maxsize=2)
+def _load(name: str, repo: str | None, device: str) -> tuple[torch.nn.Module, ModelInfo]:
+    # Cached per process: a worker keeps one model on its device across all the tracks it serves.
+    if repo is not None and not Path(repo).is_dir():
+        raise ConfigurationError(f"model repository {repo} is not a directory")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_model(name, repo=Path(repo) if repo else None)
+    except (ModelLoadingError, SystemExit) as exc:
+        where = f"repository {repo}" if repo else "the Demucs hub (pass --model-repo DIR to load offline)"
+        raise ConfigurationError(f"could not load model '{name}' from {where}: {exc}") from None
+    except OSError as exc:
+        raise ConfigurationError(f"could not download model '{name}': {exc}", retryable=True) from None
+    model.to(device).eval()
+    info = ModelInfo(name=name, signature=model_signature(model), sources=list(model.sources),
+                     sample_rate=int(model.samplerate), audio_channels=int(model.audio_channels))
+    return model, info
+
+
+def load_model(settings: SeparationSettings) -> tuple[torch.nn.Module, ModelInfo, str]:
+    """Return the (cached) model, its description and the device it lives on."""
+    device = resolve_device(settings.device)
+    model, info = _load(settings.model, settings.model_repo, device)
+    _check_two_stems(settings, info)
+    return model, info, device
+
+
+def model_signature(model: torch.nn.Module) -> str:
+    """sha256 over architecture and weights, so any change of weights changes the job key."""
+    digest = hashlib.sha256()
+    members = model.models if isinstance(model, BagOfModels) else [model]
+    for member in members:
+        digest.update(type(member).__name__.encode())
+        for key, tensor in sorted(member.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if isinstance(model, BagOfModels):
+        digest.update(np.asarray(model.weights, dtype=np.float64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _check_two_stems(settings: SeparationSettings, info: ModelInfo) -> None:
+    if settings.two_stems is not None and settings.two_stems not in info.sources:
+        raise ConfigurationError(
+            f"two_stems '{settings.two_stems}' is not a source of model '{info.name}' ({', '.join(info.sources)})")
+
+
+def separate_array(mixture: np.ndarray, model: torch.nn.Module, settings: SeparationSettings, device: str,
+                   *, source: str = "") -> dict[str, np.ndarray]:
+    """Separate (2, frames) float32 into {stem: (2, frames)}, normalised as the Demucs CLI does."""
+    wav = torch.from_numpy(mixture)
+    ref = wav.mean(0)
+    mean, std = ref.mean(), ref.std() + 1e-8
+    progress = _progress_callback(source, settings, model)
+    try:
+        with torch.inference_mode():
+            out = apply_model(model, ((wav - mean) / std)[None], shifts=settings.shifts, split=True,
+                              overlap=settings.overlap, segment=settings.segment, device=device,
+                              progress=False, callback=progress,
+                              callback_arg={"audio_length": mixture.shape[1]})
+    except RuntimeError as exc:
+        retryable = "out of memory" in str(exc).lower()
+        raise SeparationError(f"model failed: {exc}", source=source, retryable=retryable) from None
+    stems = (out[0] * std + mean).cpu().numpy()
+    return _arrange(dict(zip(model.sources, stems)), settings.two_stems)
+
+
+def _arrange(stems: dict[str, np.ndarray], two_stems: str | None) -> dict[str, np.ndarray]:
+    if two_stems is None:
+        return stems
+    rest = sum(array for name, array in stems.items() if name != two_stems)
+    return {two_stems: stems[two_stems], f"no_{two_stems}": rest}
+
+
+def _progress_callback(source: str, settings: SeparationSettings, model: torch.nn.Module):
+    passes = (len(model.models) if isinstance(model, BagOfModels) else 1) * max(1, settings.shifts)
+    sink = reporter()
+
+    def report(event: dict[str, Any]) -> None:
+        if event.get("state") != "end" or not event.get("audio_length"):
+            return
+        index = event["model_idx_in_bag"] * max(1, settings.shifts) + event["shift_idx"]
+        within = min(1.0, event["segment_offset"] / event["audio_length"])
+        sink.fraction(source, min(1.0, (index + within) / passes))
+
+    return report
+
+
+def separate(decoded: DecodedAudio, settings: SeparationSettings, work_dir: str | Path,
+             *, source: str = "") -> SeparatedStems:
+    """Separate the decoded mixture in the work area into one .npy per stem."""
+    model, info, device = load_model(settings)
+    if decoded.sample_rate != info.sample_rate:
+        raise SeparationError(f"decoded at {decoded.sample_rate} Hz but the model needs {info.sample_rate} Hz",
+                              source=source)
+    mixture = np.load(decoded.path)
+    stems = separate_array(mixture, model, settings, device, source=source)
+    paths: dict[str, str] = {}
+    for name, array in stems.items():
+        if not np.isfinite(array).all():
+            raise SeparationError(f"model produced non-finite samples for stem '{name}'", source=source)
+        target = Path(work_dir) / f"stem-{name}.npy"
+        np.save(target, array.astype(np.float32, copy=False))
+        paths[name] = str(target)
+    return SeparatedStems(paths=paths, sample_rate=info.sample_rate, frames=mixture.shape[1], model=info,
+                          device=device)

@@ -1,0 +1,98 @@
+"""Run settings: one typed definition shared by the CLI, the flows and the deployments' UI forms."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GiB = 1024**3
+
+Device = Literal["auto", "cpu", "cuda"]
+AudioFormat = Literal["wav", "flac", "mp3"]
+BitDepth = Literal[16, 24, 32]
+
+
+class Limits(BaseModel):
+    """What a source must satisfy to be separated. Defaults admit long DJ mixes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_file_bytes: int = Field(4 * GiB, gt=0, title="Max file size (bytes)",
+                                description="Larger sources fail validation without being decoded.")
+    max_seconds: float = Field(4 * 3600.0, gt=0, title="Max duration (s)",
+                               description="Longer sources fail; enforced on the decoded samples too, not only the header.")
+    min_seconds: float = Field(0.1, ge=0, title="Min duration (s)",
+                               description="Shorter sources fail as empty.")
+    min_sample_rate: int = Field(8000, gt=0, title="Min sample rate (Hz)")
+    max_sample_rate: int = Field(384000, gt=0, title="Max sample rate (Hz)")
+    max_channels: int = Field(8, ge=1, title="Max channels",
+                              description="Sources with more channels fail; others are down- or up-mixed to stereo.")
+
+
+class SeparationSettings(BaseModel):
+    """How Demucs is run. Everything here except `device` and `model_repo` changes the output."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("htdemucs", min_length=1, title="Model",
+                       description="Demucs model name or signature, e.g. htdemucs, htdemucs_ft, mdx_extra.")
+    model_repo: str | None = Field(None, title="Local model repository",
+                                   description="Folder of Demucs model files (<name>-<sha8>.th, *.yaml bags) for offline use; "
+                                               "unset fetches from the Demucs hub and caches.")
+    device: Device = Field("auto", title="Device", description="auto picks CUDA when present, else CPU.")
+    shifts: int = Field(1, ge=0, le=20, title="Shifts",
+                        description="Random time shifts averaged per prediction (0 = deterministic, faster).")
+    overlap: float = Field(0.25, ge=0.0, lt=1.0, title="Overlap", description="Overlap between model segments.")
+    segment: float | None = Field(None, gt=0, title="Segment (s)",
+                                  description="Segment length override; unset uses the model's own.")
+    two_stems: str | None = Field(None, title="Two stems",
+                                  description="Keep one stem and its complement (e.g. vocals -> vocals + no_vocals).")
+
+    @field_validator("model")
+    @classmethod
+    def _model_name_is_plain(cls, value: str) -> str:
+        if "/" in value and not value.startswith("hf://"):
+            raise ValueError("model must be a name or signature, not a path; use model_repo for a local folder")
+        return value
+
+
+class OutputSettings(BaseModel):
+    """Where and how stems are written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: str = Field("./separated", min_length=1, title="Output location",
+                     description="Local folder or fsspec URL (s3://bucket/prefix) that receives one folder per track.")
+    format: AudioFormat = Field("wav", title="Format")
+    bit_depth: BitDepth = Field(16, title="Bit depth", description="wav: 16/24-bit integer or 32-bit float; flac: 16/24.")
+    mp3_bitrate: int = Field(320, ge=64, le=320, title="MP3 bitrate (kbit/s)")
+
+    @model_validator(mode="after")
+    def _format_supports_bit_depth(self) -> "OutputSettings":
+        if self.format == "flac" and self.bit_depth == 32:
+            raise ValueError("flac stores 16 or 24 bits; use wav for 32-bit float")
+        return self
+
+
+def job_key(content_sha256: str, model_signature: str, separation: SeparationSettings,
+            output: OutputSettings) -> str:
+    """Identity of one piece of work: same bytes, same model weights, same output-shaping settings.
+
+    File names, locations and the device do not take part, so renamed or moved files are
+    recognised and a GPU host can skip what a CPU host already published.
+    """
+    shaping = {
+        "content_sha256": content_sha256,
+        "model_signature": model_signature,
+        "shifts": separation.shifts,
+        "overlap": separation.overlap,
+        "segment": separation.segment,
+        "two_stems": separation.two_stems,
+        "format": output.format,
+        "bit_depth": output.bit_depth if output.format != "mp3" else None,
+        "mp3_bitrate": output.mp3_bitrate if output.format == "mp3" else None,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()

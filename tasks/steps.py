@@ -1,0 +1,68 @@
+"""Prefect tasks: thin wrappers that give each plain step its own retry policy.
+
+Only transient failures are retried (see `tasks.errors.is_retryable`); invalid audio or a
+broken limit fails at once. Tasks exchange paths and small records, never audio arrays.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import decode as decode_step
+from tasks import fetch as fetch_step
+from tasks import publish as publish_step
+from tasks import score as score_step
+from tasks import separate as separate_step
+from tasks import validate as validate_step
+from tasks.errors import is_retryable
+from tasks.records import (AudioInfo, DecodedAudio, FetchedSource, PublishedTrack, SeparatedStems,
+                           TrackQuality)
+from tasks.settings import Limits, OutputSettings, SeparationSettings
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    return is_retryable(state.result(raise_on_failure=False))
+
+
+_COMMON: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False,
+                           "retry_condition_fn": retry_if_transient, "retry_jitter_factor": 0.5}
+_IO_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+
+@task(name="fetch", **_COMMON, **_IO_RETRIES)
+def fetch(source: str, work_dir: str, limits: Limits) -> FetchedSource:
+    return fetch_step.fetch(source, work_dir, limits)
+
+
+@task(name="validate", **_COMMON, retries=0)
+def validate(fetched: FetchedSource, limits: Limits) -> AudioInfo:
+    return validate_step.probe(fetched.local_path, limits, source=fetched.source)
+
+
+@task(name="decode", **_COMMON, retries=1, retry_delay_seconds=2)
+def decode(fetched: FetchedSource, info: AudioInfo, sample_rate: int, limits: Limits, work_dir: str) -> DecodedAudio:
+    return decode_step.decode(fetched.local_path, info, sample_rate, limits, work_dir, source=fetched.source)
+
+
+@task(name="separate", **_COMMON, retries=1, retry_delay_seconds=5)
+def separate(decoded: DecodedAudio, settings: SeparationSettings, work_dir: str, source: str) -> SeparatedStems:
+    return separate_step.separate(decoded, settings, work_dir, source=source)
+
+
+@task(name="quality-score", **_COMMON, retries=0)
+def score(decoded: DecodedAudio, separated: SeparatedStems) -> TrackQuality:
+    return score_step.score(decoded.path, separated)
+
+
+@task(name="publish", **_COMMON, **_IO_RETRIES)
+def publish(*, out: str, folder: str, key: str, run_id: str, fetched: FetchedSource, info: AudioInfo,
+            separated: SeparatedStems, quality: TrackQuality, separation: SeparationSettings,
+            output: OutputSettings, work_dir: str) -> PublishedTrack:
+    files = publish_step.encode_stems(separated, output, Path(work_dir))
+    manifest = publish_step.build_manifest(key=key, run_id=run_id, fetched=fetched, info=info, separated=separated,
+                                           quality=quality, separation=separation, output=output, files=files)
+    return publish_step.publish(out=out, folder=folder, manifest=manifest, files=files)

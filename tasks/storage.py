@@ -1,0 +1,136 @@
+"""fsspec helpers: one way to address local folders and remote stores, and to expand sources."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+AUDIO_EXTENSIONS = frozenset({
+    ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".aif", ".aiff",
+})
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def has_scheme(location: str) -> bool:
+    return bool(_SCHEME.match(location))
+
+
+def normalise(location: str) -> str:
+    """Absolute local paths; URLs unchanged. `file://` URLs become plain paths."""
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    if has_scheme(location):
+        return location.rstrip("/") if location.count("/") > 3 else location
+    return str(Path(location).expanduser().resolve())
+
+
+def filesystem(location: str) -> tuple[AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(normalise(location))
+    return fs, path
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(base: str, *parts: str) -> str:
+    base = normalise(base)
+    if has_scheme(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def redact(location: str) -> str:
+    """Drop credentials (user:password@) and query strings that may carry signatures."""
+    if not has_scheme(location):
+        return location
+    parts = urlsplit(location)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "" if re.search(r"(?i)(signature|token|key|secret|credential)", parts.query) else parts.query
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def is_audio_name(name: str) -> bool:
+    return Path(name).suffix.lower() in AUDIO_EXTENSIONS
+
+
+@dataclass
+class ExpandedSources:
+    """Tracks found, and sources that could not be expanded, each with its reason."""
+
+    tracks: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def expand_sources(sources: list[str]) -> ExpandedSources:
+    """Files stay as given; folders are scanned recursively for audio; globs are expanded."""
+    expanded = ExpandedSources()
+    seen: set[str] = set()
+    for source in sources:
+        try:
+            found = _expand_one(source)
+        except (OSError, ValueError) as exc:
+            expanded.problems.append((redact(source), f"cannot list source: {exc}"))
+            continue
+        if not found:
+            expanded.problems.append((redact(source), _nothing_found_reason(source)))
+        for track in found:
+            if track not in seen:
+                seen.add(track)
+                expanded.tracks.append(track)
+    return expanded
+
+
+def _expand_one(source: str) -> list[str]:
+    if source.startswith(("http://", "https://")):
+        return [source]  # fetched as a whole; never listed
+    if not has_scheme(source) and not source.startswith("file://"):
+        return _expand_local(source)
+    fs, path = filesystem(source)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    if _GLOB_CHARS.search(path):
+        matches = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        matches = [p for p in fs.find(path) if is_audio_name(p) and not _hidden(p[len(path):])]
+    elif fs.exists(path):
+        matches = [path]
+    else:
+        return []
+    return sorted(p if is_local(fs) else f"{protocol}://{p}" for p in matches)
+
+
+def _expand_local(source: str) -> list[str]:
+    path = normalise(source)
+    if _GLOB_CHARS.search(source):
+        return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    if os.path.isdir(path):
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found.extend(os.path.join(root, f) for f in files if is_audio_name(f) and not f.startswith("."))
+        return sorted(found)
+    if os.path.lexists(path):
+        return [path]
+    return []
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/") if part)
+
+
+def _nothing_found_reason(source: str) -> str:
+    if _GLOB_CHARS.search(source):
+        return "pattern matched no files"
+    path = source if has_scheme(source) else normalise(source)
+    if not has_scheme(source) and os.path.isdir(path):
+        return "folder holds no audio files"
+    return "no such file or folder"

@@ -1,0 +1,103 @@
+"""Probe a file with PyAV (headers plus one decoded frame) and hold it to the configured limits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+
+from tasks.errors import ValidationError
+from tasks.records import AudioInfo
+from tasks.settings import Limits
+
+# PyAV/FFmpeg demuxer names we accept; the mp4 family covers .m4a and NI .stem.mp4.
+ALLOWED_CONTAINERS = frozenset({"wav", "flac", "mp3", "ogg", "mov,mp4,m4a,3gp,3g2,mj2", "aac", "aiff"})
+ALLOWED_CODECS = frozenset({
+    "pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_f64le", "pcm_u8",
+    "pcm_s16be", "pcm_s24be", "pcm_s32be", "pcm_f32be", "pcm_f64be",
+    "flac", "mp3", "mp3float", "vorbis", "opus", "aac", "alac",
+})
+STEM_SUFFIXES = (".stem.mp4", ".stem.m4a")
+NI_STEM_STREAMS = 5  # mixture, drums, bass, other, vocals
+
+
+def probe(path: str | Path, limits: Limits, *, source: str | None = None) -> AudioInfo:
+    """Read headers and the first audio frame; raise ValidationError naming the reason."""
+    path = Path(path)
+    label = source or str(path)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValidationError("file is empty", source=label)
+    if size > limits.max_file_bytes:
+        raise ValidationError(f"file is {size} bytes, over the limit of {limits.max_file_bytes}", source=label)
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            info = _describe(container, path)
+            _decode_first_frame(container, info.stream_index)
+    except ValidationError as exc:
+        exc.source = label
+        raise
+    except (av.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise ValidationError(f"not readable as audio ({_ffmpeg_reason(exc)})", source=label) from None
+    check_limits(info, limits, source=label)
+    return info
+
+
+def _describe(container: av.container.InputContainer, path: Path) -> AudioInfo:
+    fmt = container.format.name
+    if fmt not in ALLOWED_CONTAINERS:
+        raise ValidationError(f"container '{fmt}' is not supported")
+    audio = container.streams.audio
+    if not audio:
+        raise ValidationError(f"container '{fmt}' has no audio stream")
+    stream = audio[0]  # NI stems keep the mixture first; other files have one audio stream
+    codec = stream.codec_context.name
+    if codec not in ALLOWED_CODECS:
+        raise ValidationError(f"audio codec '{codec}' is not supported")
+    return AudioInfo(
+        container=fmt,
+        codec=codec,
+        stream_index=0,
+        audio_streams=len(audio),
+        sample_rate=int(stream.codec_context.sample_rate or 0),
+        channels=int(stream.codec_context.channels or 0),
+        seconds=_claimed_seconds(container, stream),
+        is_stem_file=path.name.lower().endswith(STEM_SUFFIXES) or len(audio) == NI_STEM_STREAMS,
+    )
+
+
+def _claimed_seconds(container: av.container.InputContainer, stream: av.audio.stream.AudioStream) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0  # unknown: decode enforces the duration limit on the samples themselves
+
+
+def _decode_first_frame(container: av.container.InputContainer, stream_index: int) -> None:
+    stream = container.streams.audio[stream_index]
+    for frame in container.decode(stream):
+        if frame.samples > 0:
+            return
+    raise ValidationError("audio stream holds no decodable samples")
+
+
+def check_limits(info: AudioInfo, limits: Limits, *, source: str) -> None:
+    if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
+        raise ValidationError(
+            f"sample rate {info.sample_rate} Hz is outside {limits.min_sample_rate}-{limits.max_sample_rate} Hz",
+            source=source)
+    if not 1 <= info.channels <= limits.max_channels:
+        raise ValidationError(f"{info.channels} channels is outside 1-{limits.max_channels}", source=source)
+    if info.seconds > limits.max_seconds:
+        raise ValidationError(f"duration {info.seconds:.1f} s is over the limit of {limits.max_seconds:.0f} s",
+                              source=source)
+    if 0 < info.seconds < limits.min_seconds:
+        raise ValidationError(f"duration {info.seconds:.3f} s is under the minimum of {limits.min_seconds} s",
+                              source=source)
+
+
+def _ffmpeg_reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc)
+    return text.split(": '", 1)[0].strip() or type(exc).__name__
