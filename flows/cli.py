@@ -141,7 +141,7 @@ def print_summary(summary, console: Console) -> None:
     console.print(f"[bold]{summary.count('succeeded')} succeeded, {summary.count('skipped')} skipped, "
                   f"{summary.count('failed')} failed[/bold] (run {summary.run_id})")
     console.print(f"stems:   {summary.out}")
-    console.print(f"catalog: {summary.catalog}")
+    console.print(f"catalog: {Path(summary.catalog).resolve()}")
     for track in summary.tracks:
         if track.status == "failed":
             console.print(f"[red]FAILED[/red] {track.source}: {track.error} [dim](step: {track.error_step})[/dim]",

@@ -30,7 +30,7 @@ MANIFEST_VERSION = 1
 STAGING = ".stemworks-staging"
 NAME_LIMIT = 80
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_UNSAFE = re.compile(r"[^\w .()&+,'!-]+")
+_UNSAFE = re.compile(r"[^\w .()&+,'!\-–—]+")
 
 
 def safe_name(text: str) -> str:

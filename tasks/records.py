@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 TrackStatus = Literal["succeeded", "failed", "skipped"]
 
@@ -98,8 +98,8 @@ class TrackOutcome(Record):
     job_key: str | None = None
     error: str | None = None
     error_step: str | None = None
-    started_at: datetime
-    finished_at: datetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
     step_seconds: dict[str, float] = Field(default_factory=dict)
     audio_seconds: float | None = None
     info: AudioInfo | None = None
@@ -115,7 +115,7 @@ class RunRecord(Record):
     run_id: str
     flow_run_id: str | None = None
     flow_name: str
-    started_at: datetime
+    started_at: AwareDatetime
     parameters: dict = Field(description="Flow parameters as JSON-able data (no secrets).")
     sources: list[str]
     out: str
@@ -128,7 +128,7 @@ class RunRecord(Record):
 
 class RunSummary(Record):
     run_id: str
-    finished_at: datetime
+    finished_at: AwareDatetime
     status: Literal["completed", "failed"]
     tracks_total: int
     tracks_succeeded: int

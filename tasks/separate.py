@@ -104,14 +104,16 @@ def _arrange(stems: dict[str, np.ndarray], two_stems: str | None) -> dict[str, n
 
 
 def _progress_callback(source: str, settings: SeparationSettings, model: torch.nn.Module):
-    passes = (len(model.models) if isinstance(model, BagOfModels) else 1) * max(1, settings.shifts)
+    members = model.models if isinstance(model, BagOfModels) else [model]
+    passes = len(members) * max(1, settings.shifts)
+    segment_frames = float(settings.segment or members[0].segment) * int(model.samplerate)
     sink = reporter()
 
     def report(event: dict[str, Any]) -> None:
         if event.get("state") != "end" or not event.get("audio_length"):
-            return
+            return  # a segment finished: report how far this pass has got
         index = event["model_idx_in_bag"] * max(1, settings.shifts) + event["shift_idx"]
-        within = min(1.0, event["segment_offset"] / event["audio_length"])
+        within = min(1.0, (event["segment_offset"] + segment_frames) / event["audio_length"])
         sink.fraction(source, min(1.0, (index + within) / passes))
 
     return report
