@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError as SettingsError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 EXIT_OK, EXIT_TRACK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -65,9 +65,12 @@ class RichReporter:
         self.progress = progress
         self.overall: TaskID = progress.add_task("library", total=None)
         self.tracks: dict[str, TaskID] = {}
+        self.done = 0
+        self.total: int | None = None
 
     def planned(self, tracks: int) -> None:
-        self.progress.update(self.overall, total=tracks)
+        self.total = tracks
+        self.progress.update(self.overall, total=tracks, description=f"library 0/{tracks}")
 
     def track_started(self, source: str) -> None:
         self.tracks[source] = self.progress.add_task(_short(source), total=1.0)
@@ -84,7 +87,8 @@ class RichReporter:
         task_id = self.tracks.pop(source, None)
         if task_id is not None:
             self.progress.remove_task(task_id)
-        self.progress.advance(self.overall)
+        self.done += 1
+        self.progress.update(self.overall, advance=1, description=f"library {self.done}/{self.total}")
 
 
 def _short(source: str, width: int = 40) -> str:
@@ -111,6 +115,7 @@ def run_separate(args: argparse.Namespace, console: Console) -> int:
     if not args.verbose:  # the summary reports failures; logs still reach the Prefect API and UI
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
     try:
         separation, output, limits = _settings(args)
     except SettingsError as exc:
@@ -120,7 +125,7 @@ def run_separate(args: argparse.Namespace, console: Console) -> int:
     from tasks.errors import ConfigurationError
     from tasks.progress import reporting_to
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=True) as progress, \
                 reporting_to(RichReporter(progress)):
