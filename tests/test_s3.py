@@ -155,35 +155,48 @@ def test_failed_publish_aborts_multipart_uploads_and_leaves_no_manifest(store, t
     assert objects(client, f"{folder}/") == {}  # neither a manifest nor the stem it would have listed
 
 
+@pytest.mark.parametrize("trigger, back_after", [
+    (MANIFEST, None),   # down between tracks: the next tracks cannot even check the destination
+    (".wav", None),     # down in the middle of a publish: retried with backoff, then the track fails
+    (".wav", 1.5),      # a short blip in the middle of a publish: retries ride it out
+])
 def test_store_outage_mid_run_fails_cleanly_and_rerun_completes(store, model_repo, tmp_path, monkeypatch,
-                                                                 prefect_harness) -> None:
+                                                                 prefect_harness, trigger, back_after) -> None:
     monkeypatch.setattr(steps, "publish", steps.publish.with_options(retry_delay_seconds=[0.5, 1, 1]))
     sources = [str(audio_file(tmp_path / "in", f"t{i}.wav", "wav", seconds=1.0, seed=20 + i)) for i in range(3)]
     relay, client, catalog = store["relay"], store["client"], tmp_path / "c.duckdb"
+    prefix = f"outage-{tmp_path.name}/"
 
-    def outage_after_first_manifest() -> None:
+    def outage() -> None:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not any(k.endswith(MANIFEST) for k in objects(client, "outage/")):
-            time.sleep(0.05)
+        while time.monotonic() < deadline and not any(k.endswith(trigger) for k in objects(client, prefix)):
+            time.sleep(0.02)
         relay.down()
+        if back_after is not None:
+            time.sleep(back_after)
+            relay.up()
 
-    watcher = in_thread(outage_after_first_manifest)
+    watcher = in_thread(outage)
     try:
-        first = run(sources, f"s3://{OUT}/outage", catalog, model_repo)
+        first = run(sources, f"s3://{OUT}/{prefix}", catalog, model_repo)
     finally:
         watcher.join(timeout=300)
-        relay.up()
+        if back_after is None:
+            relay.up()
     statuses = [t.status for t in first.tracks]
-    assert statuses[0] == "succeeded" and "failed" in statuses, first.tracks
+    if back_after is None:
+        assert statuses[0] == ("succeeded" if trigger == MANIFEST else "failed") and "failed" in statuses[1:]
+    else:
+        assert statuses == ["succeeded"] * 3, first.tracks
     for track in (t for t in first.tracks if t.status == "failed"):
         assert track.error_step == "publish" and "Could not connect to the endpoint URL" in track.error
         assert SECRET not in track.error
-    assert assert_manifests_complete(client, "outage/") == statuses.count("succeeded")
-    assert client.list_multipart_uploads(Bucket=OUT, Prefix="outage/").get("Uploads", []) == []
+    assert assert_manifests_complete(client, prefix) == statuses.count("succeeded")
+    assert client.list_multipart_uploads(Bucket=OUT, Prefix=prefix).get("Uploads", []) == []
 
-    second = run(sources, f"s3://{OUT}/outage", catalog, model_repo)
+    second = run(sources, f"s3://{OUT}/{prefix}", catalog, model_repo)
     assert [t.status for t in second.tracks] == ["skipped" if s == "succeeded" else "succeeded" for s in statuses]
-    assert assert_manifests_complete(client, "outage/") == 3
+    assert assert_manifests_complete(client, prefix) == 3
 
 
 def cli(args: list[str], store) -> subprocess.CompletedProcess:
