@@ -27,8 +27,8 @@ from tasks.storage import is_audio_name, redact
 CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 30.0
 MAX_REDIRECTS = 10
-# Audio-only, downloadable over plain HTTP(S) (no HLS/DASH fragments), smallest adequate first.
-AUDIO_FORMAT = "bestaudio[protocol^=http]/bestaudio[protocol=https]"
+# The best audio-only stream that is one plain HTTP(S) download (not HLS/DASH fragments, and never video).
+AUDIO_FORMAT = "bestaudio[protocol=https]/bestaudio[protocol=http]"
 _NOT_MEDIA_TYPES = re.compile(r"^(text/|image/|application/(json|xml|xhtml|javascript|pdf|zip))", re.I)
 _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _LIVE = {"is_live", "is_upcoming", "post_live"}
