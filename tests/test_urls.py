@@ -12,7 +12,7 @@ import duckdb
 import pytest
 from audiogen import audio_file
 from conftest import MODEL_NAME
-from servers import MediaServer, Route
+from servers import MediaServer, Route, self_signed_certificate
 
 from flows.library import separate_library
 from tasks import steps
@@ -231,6 +231,29 @@ def test_over_size_downloads_are_aborted_early(server, model_repo, tmp_path, pat
 def test_transient_http_errors_are_retried(server, model_repo, tmp_path) -> None:
     summary = run([server.url("/flaky.mp3")], tmp_path / "out", tmp_path / "c.duckdb", model_repo)
     assert summary.tracks[0].status == "succeeded" and server.hits["/flaky.mp3"] == 3
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_https_goes_through_the_same_checks(server, model_repo, tmp_path, monkeypatch) -> None:
+    """HTTPS is tunnelled (CONNECT) through the egress proxy: certificates verified, addresses checked."""
+    cert, key = self_signed_certificate(tmp_path)
+    tls = MediaServer(tls=(cert, key))
+    tls.routes.update({"/watch": server.routes["/watch"], "/media/clip.mp3": server.routes["/media/clip.mp3"]})
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    try:
+        monkeypatch.delenv("STEMWORKS_ALLOW_PRIVATE_URLS", raising=False)
+        refused = run([tls.url("/watch")], tmp_path / "out", tmp_path / "c.duckdb", model_repo)
+        assert refused.tracks[0].status == "failed" and "loopback address" in refused.tracks[0].error
+        assert tls.hits == {}
+        monkeypatch.setenv("STEMWORKS_ALLOW_PRIVATE_URLS", "1")
+        # Direct links trust SSL_CERT_FILE; yt-dlp trusts only certifi's bundle, so the page fails verification.
+        summary = run([tls.url("/media/clip.mp3"), tls.url("/watch")], tmp_path / "out", tmp_path / "c.duckdb",
+                      model_repo)
+        direct, page_track = summary.tracks
+        assert direct.status == "succeeded", summary.tracks
+        assert page_track.status == "failed" and "certificate verify failed" in page_track.error
+    finally:
+        tls.close()
 
 
 # -- the command line, as the issue's "done when" states it --------------------------------------
