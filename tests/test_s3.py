@@ -122,13 +122,17 @@ def test_rerun_skips_and_writes_nothing(store, s3_run, model_repo) -> None:
 
 
 def test_mixed_local_and_s3_sources_and_skips_across_stores(store, s3_run, model_repo) -> None:
-    """A local copy of an S3 master is recognised by content; a new local file and an S3 glob are separated."""
+    """A local copy of an S3 master is recognised by content; a new local file, an S3 glob and a single
+    S3 object are handled in one run; a missing object fails alone with its reason."""
     new = audio_file(store["root"] / "local", "new.wav", "wav", seconds=1.1, seed=9)
     copy = store["local"] / "a" / "one.wav"  # same bytes as s3://.../masters/a/one.wav, already published
-    summary = run([str(new), str(copy), f"s3://{SOURCES}/masters/*.mp3"], f"s3://{OUT}/lib", s3_run["catalog"],
-                  model_repo)
+    summary = run([str(new), str(copy), f"s3://{SOURCES}/masters/*.mp3", f"s3://{SOURCES}/masters/a/b/two.flac",
+                   f"s3://{SOURCES}/masters/nope.wav"], f"s3://{OUT}/lib", s3_run["catalog"], model_repo)
     statuses = {Path(t.source).name: t.status for t in summary.tracks}
-    assert statuses == {"new.wav": "succeeded", "one.wav": "skipped", "three.mp3": "skipped"}
+    assert statuses == {"new.wav": "succeeded", "one.wav": "skipped", "three.mp3": "skipped", "two.flac": "skipped",
+                        "nope.wav": "failed"}
+    missing = next(t for t in summary.tracks if t.status == "failed")
+    assert missing.error == "no such file or folder" and missing.error_step == "expand"
     assert assert_manifests_complete(store["client"], "lib/") == 4
 
 
