@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sep.add_argument("--segment", type=float, metavar="SECONDS")
     sep.add_argument("--max-seconds", type=float, metavar="S", help="longest accepted input (default 4 h)")
     sep.add_argument("--max-file-mb", type=float, metavar="MB", help="largest accepted file (default 4096 MiB)")
+    sep.add_argument("--max-playlist-entries", type=int, metavar="N", help="tracks taken from a playlist URL (default 50)")
     sep.add_argument("--catalog", metavar="PATH", help="DuckDB catalog file (default $STEMWORKS_CATALOG or ./stemworks.duckdb)")
     sep.add_argument("--work-dir", metavar="DIR", help="scratch space for intermediate audio")
     sep.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs on the console")
@@ -104,6 +105,8 @@ def _settings(args: argparse.Namespace):
         limits["max_seconds"] = args.max_seconds
     if args.max_file_mb is not None:
         limits["max_file_bytes"] = int(args.max_file_mb * 1024 * 1024)
+    if args.max_playlist_entries is not None:
+        limits["max_playlist_entries"] = args.max_playlist_entries
     separation = SeparationSettings(model=args.model, model_repo=args.model_repo, device=args.device,
                                     shifts=args.shifts, overlap=args.overlap, segment=args.segment,
                                     two_stems=args.two_stems)

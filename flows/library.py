@@ -71,7 +71,7 @@ def separate_library(sources: list[str], separation: SeparationSettings = Separa
     store.start_run(record)
     summary = LibrarySummary(run_id=run_id, flow_run_id=record.flow_run_id, catalog=catalog_path,
                              out=redact(normalise(output.out)))
-    expanded = expand_sources(sources)
+    expanded = expand_sources(sources, limits.max_playlist_entries)
     logger.info("run %s: %d tracks from %d sources", run_id, len(expanded.tracks), len(sources))
     reporter().planned(len(expanded.tracks) + len(expanded.problems))
     for source, reason in expanded.problems:

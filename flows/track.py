@@ -94,7 +94,7 @@ def process_track(source: str, *, run_id: str, separation: SeparationSettings, o
         _, model_info, _ = load_model(separation)
         key = job_key(fetched.content_sha256, model_info.signature, separation, output)
         known["job_key"] = key
-        folder = track_folder(source, key)
+        folder = track_folder(source, key, title=fetched.origin.get("title"))
         existing = find_existing(output.out, folder, key, catalog)
         if existing is not None:
             track_uri = existing.rsplit("/", 1)[0]
@@ -134,7 +134,8 @@ def run_record(*, run_id: str, flow_name: str, sources: list[str], separation: S
                output: OutputSettings, limits: Limits, model_signature: str | None, device: str | None) -> RunRecord:
     return RunRecord(
         run_id=run_id, flow_run_id=flow_run_id(), flow_name=flow_name, started_at=now(),
-        parameters={"separation": separation.model_dump(), "output": output.model_dump(),
+        parameters={"separation": separation.model_dump(),
+                    "output": output.model_dump() | {"out": redact(output.out)},
                     "limits": limits.model_dump()},
         sources=[redact(s) for s in sources], out=redact(normalise(output.out)), model_name=separation.model,
         model_signature=model_signature, device=device, code_version=code_version(), hostname=socket.gethostname())

@@ -20,9 +20,10 @@ from fsspec import AbstractFileSystem
 
 from tasks.encode import encode, extension
 from tasks.errors import PublishError
+from tasks.faults import describe, is_transient
 from tasks.records import AudioInfo, FetchedSource, PublishedStem, PublishedTrack, SeparatedStems, TrackQuality
 from tasks.settings import OutputSettings, SeparationSettings
-from tasks.storage import filesystem, is_local, join
+from tasks.storage import filesystem, is_local, join, redact
 from tasks.version import code_version
 
 MANIFEST = "manifest.json"
@@ -44,8 +45,14 @@ def safe_name(text: str) -> str:
     return text
 
 
-def track_folder(source: str, key: str) -> str:
-    """Readable name plus the job key's prefix: same-named files from different folders never collide."""
+def track_folder(source: str, key: str, title: str | None = None) -> str:
+    """Readable name plus the job key's prefix: same-named files from different folders never collide.
+
+    `title` (a URL source's page title, untrusted) is preferred over the file name; both are
+    sanitised by `safe_name`, and the key prefix keeps equal titles apart.
+    """
+    if title and title.strip():
+        return f"{safe_name(title)}-{key[:12]}"
     name = PurePosixPath(source.split("?", 1)[0].rstrip("/")).name
     for suffix in (".stem.mp4", ".stem.m4a"):
         if name.lower().endswith(suffix):
@@ -80,6 +87,9 @@ def manifest_is_complete(manifest_uri: str, key: str) -> bool:
             fs.size(f"{folder}/{stem['file']}") == stem["bytes"] for stem in manifest["stems"])
     except (FileNotFoundError, KeyError, TypeError, ValueError):
         return False
+    except Exception as exc:  # noqa: BLE001 - e.g. the store is down: say so instead of redoing the work
+        raise PublishError(f"cannot check {redact(manifest_uri)} for an earlier result: {describe(exc)}",
+                           retryable=is_transient(exc)) from None
 
 
 def encode_stems(separated: SeparatedStems, output: OutputSettings, work_dir: Path) -> dict[str, Path]:
@@ -124,8 +134,9 @@ def publish(*, out: str, folder: str, manifest: dict, files: dict[str, Path]) ->
             _publish_local(Path(root), folder, manifest, files)
         else:
             _publish_remote(fs, f"{root}/{folder}", manifest, files)
-    except OSError as exc:
-        raise PublishError(f"writing to {join(out, folder)} failed: {exc}", source=manifest["source"]) from None
+    except Exception as exc:  # noqa: BLE001 - store clients raise their own types; classify them all
+        raise PublishError(f"writing to {redact(join(out, folder))} failed: {describe(exc)}",
+                           source=manifest["source"], retryable=is_transient(exc)) from None
     stems = [PublishedStem(stem=s["stem"], uri=join(out, folder, s["file"]), sha256=s["sha256"],
                            seconds=s["seconds"], bytes=s["bytes"], format=Path(s["file"]).suffix[1:])
              for s in manifest["stems"]]
@@ -157,8 +168,54 @@ def _publish_local(root: Path, folder: str, manifest: dict, files: dict[str, Pat
 
 def _publish_remote(fs: AbstractFileSystem, folder: str, manifest: dict, files: dict[str, Path]) -> None:
     manifest_path = f"{folder}/{MANIFEST}"
+    abort_incomplete_uploads(fs, folder)  # left by an attempt that died mid-upload
     if fs.exists(manifest_path):  # stale manifest must not vouch for objects we are about to replace
         fs.rm_file(manifest_path)
-    for path in files.values():
-        fs.put_file(str(path), f"{folder}/{path.name}")
-    fs.pipe_file(manifest_path, _manifest_bytes(manifest))
+    written: list[str] = []
+    try:
+        for path in files.values():
+            fs.put_file(str(path), f"{folder}/{path.name}")
+            written.append(f"{folder}/{path.name}")
+        fs.pipe_file(manifest_path, _manifest_bytes(manifest))
+    except BaseException:
+        _withdraw(fs, manifest_path, written)
+        abort_incomplete_uploads(fs, folder, quiet=True)
+        raise
+
+
+def abort_incomplete_uploads(fs: AbstractFileSystem, folder: str, quiet: bool = False) -> int:
+    """Abort S3 multipart uploads under `folder` (they cost storage and are invisible to listings).
+
+    Returns how many were aborted. Stores without multipart uploads have nothing to abort.
+    """
+    call = getattr(fs, "call_s3", None)
+    if call is None:
+        return 0
+    bucket, _, prefix = folder.partition("/")
+    try:
+        uploads = call("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/").get("Uploads") or []
+        for upload in uploads:
+            call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    except Exception:  # noqa: BLE001 - a cleanup during an outage may fail too; the next attempt retries it
+        if quiet:
+            return 0
+        raise
+    return len(uploads)
+
+
+def _withdraw(fs: AbstractFileSystem, manifest_path: str, written: list[str]) -> None:
+    """Best effort after a failed attempt: objects without a manifest are invisible, but need not linger.
+
+    The manifest goes first: a write that timed out may still have landed, and stems are only
+    removed once no manifest can vouch for them.
+    """
+    try:
+        if fs.exists(manifest_path):
+            fs.rm_file(manifest_path)
+    except Exception:  # noqa: BLE001 - the store may be the thing that failed; keep the stems then
+        return
+    for path in written:
+        try:
+            fs.rm_file(path)
+        except Exception:  # noqa: BLE001, S112
+            continue

@@ -30,6 +30,8 @@ class Limits(BaseModel):
     max_sample_rate: int = Field(384000, gt=0, title="Max sample rate (Hz)")
     max_channels: int = Field(8, ge=1, title="Max channels",
                               description="Sources with more channels fail; others are down- or up-mixed to stereo.")
+    max_playlist_entries: int = Field(50, ge=1, le=10000, title="Max playlist entries",
+                                      description="A playlist URL expands to at most this many tracks.")
 
 
 class SeparationSettings(BaseModel):

@@ -33,8 +33,15 @@ def normalise(location: str) -> str:
     return str(Path(location).expanduser().resolve())
 
 
+# Object stores are shared with other writers (and other runs): never answer from a stale listing.
+_UNCACHED_LISTINGS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
 def filesystem(location: str) -> tuple[AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(normalise(location))
+    location = normalise(location)
+    scheme = location.split("://", 1)[0].lower() if has_scheme(location) else "file"
+    options = {"use_listings_cache": False} if scheme in _UNCACHED_LISTINGS else {}
+    fs, path = fsspec.core.url_to_fs(location, **options)
     return fs, path
 
 
@@ -71,15 +78,18 @@ class ExpandedSources:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
 
-def expand_sources(sources: list[str]) -> ExpandedSources:
-    """Files stay as given; folders are scanned recursively for audio; globs are expanded."""
+def expand_sources(sources: list[str], max_playlist_entries: int = 50) -> ExpandedSources:
+    """Files stay as given; folders are scanned recursively for audio; globs are expanded;
+    playlist URLs become their entries (at most `max_playlist_entries` each)."""
     expanded = ExpandedSources()
     seen: set[str] = set()
     for source in sources:
         try:
-            found = _expand_one(source)
-        except (OSError, ValueError) as exc:
-            expanded.problems.append((redact(source), f"cannot list source: {exc}"))
+            found = _expand_one(source, max_playlist_entries)
+        except Exception as exc:  # noqa: BLE001 - store clients raise their own types; report, go on
+            from tasks.faults import describe
+
+            expanded.problems.append((redact(source), f"cannot list source: {describe(exc)}"))
             continue
         if not found:
             expanded.problems.append((redact(source), _nothing_found_reason(source)))
@@ -90,9 +100,12 @@ def expand_sources(sources: list[str]) -> ExpandedSources:
     return expanded
 
 
-def _expand_one(source: str) -> list[str]:
-    if source.startswith(("http://", "https://")):
-        return [source]  # fetched as a whole; never listed
+def _expand_one(source: str, max_playlist_entries: int) -> list[str]:
+    if source.lower().startswith(("http://", "https://")):
+        from tasks.netsafety import NetworkPolicy
+        from tasks.urls import expand_url  # imported here: tasks.urls builds on this module
+
+        return expand_url(source, max_playlist_entries, NetworkPolicy.from_env())
     if not has_scheme(source) and not source.startswith("file://"):
         return _expand_local(source)
     fs, path = filesystem(source)
