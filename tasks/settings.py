@@ -45,7 +45,7 @@ class SeparationSettings(BaseModel):
                                    "any name found in the local model repository also works.",
                        examples=list(PRETRAINED_MODELS))
     model_repo: str | None = Field(None, title="Local model repository",
-                                   description="Folder of Demucs model files (<name>-<sha8>.th, *.yaml bags) for offline use; "
+                                   description="Folder of Demucs model files (NAME-SHA8.th files, NAME.yaml bags) for offline use; "
                                                "unset fetches from the Demucs hub and caches.")
     device: Device = Field("auto", title="Device", description="auto picks CUDA when present, else CPU.")
     shifts: int = Field(1, ge=0, le=20, title="Shifts",
