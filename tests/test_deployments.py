@@ -276,7 +276,7 @@ def test_ui_run_form_starts_a_run_with_custom_parameters(stack: Stack) -> None:
         WebDriverWait(session, 60).until(
             lambda s: "Completed" in s.find_element(By.TAG_NAME, "body").text)
         screenshot(session, ARTIFACTS / "ui-run-completed.png")
-        session.find_element(By.XPATH, "//*[normalize-space()='Artifacts' and (self::button or self::a or self::span)]").click()
+        session.find_element(By.XPATH, "//*[text()[normalize-space()='Artifacts']]").click()
         WebDriverWait(session, 60).until(lambda s: "separate-library-tracks" in s.find_element(By.TAG_NAME, "body").text)
         screenshot(session, ARTIFACTS / "ui-run-artifacts.png")
     finally:
