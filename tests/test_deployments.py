@@ -77,6 +77,13 @@ def trigger(stack: Stack, parameters: dict, key: str | None = None, deployment: 
         return api.post(f"/deployments/{stack.server.deployment_id(deployment)}/create_flow_run", json=body)
 
 
+def deployments_by_name(stack: Stack) -> dict[str, dict]:
+    with stack.server.http() as api:
+        response = api.post("/deployments/filter", json={})
+        response.raise_for_status()
+        return {d["name"]: d for d in response.json()}
+
+
 def flow_runs_of(stack: Stack, deployment: str = "separate-library/adhoc") -> list[dict]:
     with stack.server.http() as api:
         response = api.post("/flow_runs/filter", json={
@@ -108,7 +115,7 @@ def test_setup_creates_pools_gpu_slots_and_deployments(stack: Stack) -> None:
         limit = api.get("/v2/concurrency_limits/gpu-slots").json()
     assert pools == {"cpu": "process", "gpu": "process"}
     assert limit["limit"] == 2
-    deployments = {d["name"]: d for d in stack.server.http().post("/deployments/filter", json={}).json()}
+    deployments = deployments_by_name(stack)
     assert {name: d["work_pool_name"] for name, d in deployments.items()} == {
         "adhoc": "cpu", "adhoc-gpu": "gpu", "nightly": "gpu"}
     nightly = deployments["nightly"]
@@ -125,10 +132,10 @@ def test_setup_creates_pools_gpu_slots_and_deployments(stack: Stack) -> None:
 
 
 def test_setup_runs_again_without_duplicating_anything(stack: Stack) -> None:
-    before = {d["name"]: d["id"] for d in stack.server.http().post("/deployments/filter", json={}).json()}
+    before = {name: d["id"] for name, d in deployments_by_name(stack).items()}
     again = run_setup(stack.server, stack.root, "--gpu-slots", "2")
     assert "work pool cpu: exists" in again.stdout and "work pool gpu: exists" in again.stdout
-    after = {d["name"]: d["id"] for d in stack.server.http().post("/deployments/filter", json={}).json()}
+    after = {name: d["id"] for name, d in deployments_by_name(stack).items()}
     assert after == before
 
 
