@@ -292,3 +292,22 @@ def test_ui_run_form_starts_a_run_with_custom_parameters(stack: Stack) -> None:
     assert run["parameters"]["separation"]["model"] == MODEL_NAME
     (manifest,) = out.rglob("manifest.json")
     assert {p.stem for p in manifest.parent.glob("*.flac")} == STEMS
+
+
+def test_two_nightly_runs_never_overlap(stack: Stack) -> None:
+    """The deployment's concurrency limit (1, CANCEL_NEW): a second nightly run while one is going is cancelled."""
+    library = stack.root / "nightly-library"
+    audio_file(library, "night.wav", "wav", seconds=1.0, seed=11)
+    # No GPU here: run the nightly deployment's runs on CPU through a worker of its pool `gpu`.
+    parameters = {"sources": [str(library)], "separation": stack.separation()}
+    gpu_worker = start_worker(stack.server, "gpu", stack.root / "gpu-worker.log",
+                              STEMWORKS_WORK_DIR=str(stack.root / "gpu-work"))
+    try:
+        runs = [trigger(stack, parameters, deployment="separate-library/nightly") for _ in range(2)]
+        assert all(r.status_code == 201 for r in runs), [r.text for r in runs]
+        finished = sorted((stack.server.wait_terminal(r.json()["id"])["state"] for r in runs),
+                          key=lambda state: state["type"])
+    finally:
+        stop(gpu_worker)
+    assert [s["type"] for s in finished] == ["CANCELLED", "COMPLETED"], f"{finished}\n{tail(stack.root / 'gpu-worker.log')}"
+    assert finished[0]["message"] == "Deployment concurrency limit reached."
