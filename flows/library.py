@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import Field
 
 from catalog import Catalog, default_catalog_path
+from flows.artifacts import RunProgress, publish_table
 from flows.track import TrackFailed, now, run_record, separate_track
 from flows.workarea import default_work_root
 from tasks.errors import SourceError
@@ -27,6 +28,7 @@ class TrackResult(Record):
     error_step: str | None = None
     manifest_uri: str | None = None
     audio_seconds: float | None = None
+    stems: list[str] = Field(default_factory=list)
 
 
 class LibrarySummary(Record):
@@ -43,7 +45,8 @@ class LibrarySummary(Record):
 def _result(outcome: TrackOutcome) -> TrackResult:
     return TrackResult(source=outcome.source, status=outcome.status, error=outcome.error,
                        error_step=outcome.error_step, audio_seconds=outcome.audio_seconds,
-                       manifest_uri=outcome.published.manifest_uri if outcome.published else None)
+                       manifest_uri=outcome.published.manifest_uri if outcome.published else None,
+                       stems=[s.stem for s in outcome.published.stems] if outcome.published else [])
 
 
 def _unrecorded_failure(source: str, exc: Exception) -> TrackOutcome:
@@ -56,11 +59,28 @@ def _unexpandable(source: str, reason: str, started) -> TrackOutcome:
                         started_at=started, finished_at=now())
 
 
+# Validated before any work starts: a deployment run with no sources is rejected by the server.
+Sources = Annotated[list[str], Field(min_length=1)]
+
+
+# The docstring's Args are the field descriptions in the Prefect UI's run form.
 @flow(name="separate-library", persist_result=False)
-def separate_library(sources: list[str], separation: SeparationSettings = SeparationSettings(),
+def separate_library(sources: Sources, separation: SeparationSettings = SeparationSettings(),
                      output: OutputSettings = OutputSettings(), limits: Limits = Limits(),
                      catalog: str | None = None, work_root: str | None = None) -> LibrarySummary:
-    """Separate every track found in `sources` (files, folders, globs, URLs) and record the run."""
+    """Separate every track found in `sources` (files, folders, globs, URLs) and record the run.
+
+    Args:
+        sources: Files, folders (scanned recursively), globs or URLs (http(s), s3://, yt-dlp pages) to
+            separate. Tracks already published with the same model and settings are skipped.
+        separation: Model, device and Demucs settings.
+        output: Where (local folder or s3://bucket/prefix) and in which format stems are written.
+        limits: What a source must satisfy to be separated; others fail alone, with the reason.
+        catalog: DuckDB catalog file recording runs, tracks and stems; unset uses $STEMWORKS_CATALOG or
+            ./stemworks.duckdb on the worker.
+        work_root: Scratch folder for decoded audio and raw stems; unset uses $STEMWORKS_WORK_DIR or the
+            system temp folder.
+    """
     logger = get_run_logger()
     catalog_path = str(catalog or default_catalog_path())
     store = Catalog(catalog_path)
@@ -74,11 +94,13 @@ def separate_library(sources: list[str], separation: SeparationSettings = Separa
     expanded = expand_sources(sources, limits.max_playlist_entries)
     logger.info("run %s: %d tracks from %d sources", run_id, len(expanded.tracks), len(sources))
     reporter().planned(len(expanded.tracks) + len(expanded.problems))
+    progress = RunProgress(len(expanded.tracks) + len(expanded.problems))
     for source, reason in expanded.problems:
         outcome = _unexpandable(source, reason, now())
         store.record_track(run_id, outcome)
         reporter().track_finished(source, "failed")
         summary.tracks.append(_result(outcome))
+        progress.track_done()
     work = work_root or default_work_root()
     for source in expanded.tracks:
         name = safe_name(source.rstrip("/").rsplit("/", 1)[-1])[:60]
@@ -93,11 +115,13 @@ def separate_library(sources: list[str], separation: SeparationSettings = Separa
             outcome = _unrecorded_failure(redact(source), exc)
             logger.error("%s could not be processed or recorded: %s", outcome.source, outcome.error)
         summary.tracks.append(_result(outcome))
+        progress.track_done()
     store.finish_run(RunSummary(
         run_id=run_id, finished_at=now(), status="completed", tracks_total=len(summary.tracks),
         tracks_succeeded=summary.count("succeeded"), tracks_failed=summary.count("failed"),
         tracks_skipped=summary.count("skipped"),
         audio_seconds=sum(t.audio_seconds or 0.0 for t in summary.tracks if t.status == "succeeded")))
+    publish_table(summary)
     logger.info("run %s: %d succeeded, %d skipped, %d failed", run_id, summary.count("succeeded"),
                 summary.count("skipped"), summary.count("failed"))
     return summary

@@ -13,6 +13,9 @@ GiB = 1024**3
 Device = Literal["auto", "cpu", "cuda"]
 AudioFormat = Literal["wav", "flac", "mp3"]
 BitDepth = Literal[16, 24, 32]
+# Offered as examples in the run form; not an enum, because a local model repository may hold any name.
+PRETRAINED_MODELS = ("htdemucs", "htdemucs_ft", "htdemucs_6s", "hdemucs_mmi", "mdx", "mdx_extra", "mdx_q",
+                     "mdx_extra_q")
 
 
 class Limits(BaseModel):
@@ -40,9 +43,11 @@ class SeparationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field("htdemucs", min_length=1, title="Model",
-                       description="Demucs model name or signature, e.g. htdemucs, htdemucs_ft, mdx_extra.")
+                       description="Demucs model name or signature, e.g. htdemucs, htdemucs_ft, mdx_extra; "
+                                   "any name found in the local model repository also works.",
+                       examples=list(PRETRAINED_MODELS))
     model_repo: str | None = Field(None, title="Local model repository",
-                                   description="Folder of Demucs model files (<name>-<sha8>.th, *.yaml bags) for offline use; "
+                                   description="Folder of Demucs model files (NAME-SHA8.th files, NAME.yaml bags) for offline use; "
                                                "unset fetches from the Demucs hub and caches.")
     device: Device = Field("auto", title="Device", description="auto picks CUDA when present, else CPU.")
     shifts: int = Field(1, ge=0, le=20, title="Shifts",
@@ -52,6 +57,10 @@ class SeparationSettings(BaseModel):
                                   description="Segment length override; unset uses the model's own.")
     two_stems: str | None = Field(None, title="Two stems",
                                   description="Keep one stem and its complement (e.g. vocals -> vocals + no_vocals).")
+    gpu_slot_limit: str | None = Field(
+        "gpu-slots", min_length=1, title="GPU slot limit",
+        description="Prefect global concurrency limit held around the separate step on CUDA (one slot per GPU); "
+                    "a missing limit is skipped with a warning; unset never throttles.")
 
     @field_validator("model")
     @classmethod
@@ -68,9 +77,9 @@ class OutputSettings(BaseModel):
 
     out: str = Field("./separated", min_length=1, title="Output location",
                      description="Local folder or fsspec URL (s3://bucket/prefix) that receives one folder per track.")
-    format: AudioFormat = Field("wav", title="Format")
+    format: AudioFormat = Field("wav", title="Format", description="Container and codec of the stem files.")
     bit_depth: BitDepth = Field(16, title="Bit depth", description="wav: 16/24-bit integer or 32-bit float; flac: 16/24.")
-    mp3_bitrate: int = Field(320, ge=64, le=320, title="MP3 bitrate (kbit/s)")
+    mp3_bitrate: int = Field(320, ge=64, le=320, title="MP3 bitrate (kbit/s)", description="Used when format is mp3.")
 
     @model_validator(mode="after")
     def _format_supports_bit_depth(self) -> "OutputSettings":

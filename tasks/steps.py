@@ -22,6 +22,7 @@ from tasks.errors import is_retryable
 from tasks.records import (AudioInfo, DecodedAudio, FetchedSource, PublishedTrack, SeparatedStems,
                            TrackQuality)
 from tasks.settings import Limits, OutputSettings, SeparationSettings
+from tasks.slots import gpu_slot
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -50,7 +51,9 @@ def decode(fetched: FetchedSource, info: AudioInfo, sample_rate: int, limits: Li
 
 @task(name="separate", **_COMMON, retries=1, retry_delay_seconds=5)
 def separate(decoded: DecodedAudio, settings: SeparationSettings, work_dir: str, source: str) -> SeparatedStems:
-    return separate_step.separate(decoded, settings, work_dir, source=source)
+    # The GPU slot is held here only: decode, score and publish of other tracks never wait for it.
+    with gpu_slot(settings):
+        return separate_step.separate(decoded, settings, work_dir, source=source)
 
 
 @task(name="quality-score", **_COMMON, retries=0)

@@ -1,0 +1,41 @@
+"""What a UI user sees on a separate-library run: a progress bar and a table of tracks and stems."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+if TYPE_CHECKING:
+    from flows.library import LibrarySummary
+
+TABLE_KEY = "separate-library-tracks"
+
+
+class RunProgress:
+    """A Prefect progress artifact advanced once per finished track (failed and skipped count too)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.artifact_id: UUID = create_progress_artifact(
+            progress=0.0 if total else 100.0, description=f"Tracks finished out of {total}")
+
+    def track_done(self) -> None:
+        self.done += 1
+        update_progress_artifact(self.artifact_id, progress=round(100.0 * self.done / max(1, self.total), 2))
+
+
+def track_rows(summary: LibrarySummary) -> list[dict[str, str]]:
+    return [{"source": t.source, "status": t.status,
+             "stems": ", ".join(t.stems) if t.stems else ("already published" if t.status == "skipped" else ""),
+             "manifest": t.manifest_uri or "", "error": t.error or ""} for t in summary.tracks]
+
+
+def publish_table(summary: LibrarySummary) -> UUID:
+    succeeded, skipped, failed = (summary.count(s) for s in ("succeeded", "skipped", "failed"))
+    return create_table_artifact(
+        table=track_rows(summary), key=TABLE_KEY,
+        description=f"Run {summary.run_id}: {succeeded} separated, {skipped} skipped (unchanged), {failed} failed; "
+                    f"stems under {summary.out}, catalog {summary.catalog}")
