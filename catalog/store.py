@@ -1,13 +1,27 @@
 """The catalog: a DuckDB file recording every run, track and stem.
 
-Several processes share the file, and DuckDB lets only one process hold it open for writing, so every
-public method opens its own short-lived connection, does its work in one transaction and closes it.
-All connecting goes through `Catalog._connect`, the single place to add retries on a locked file.
+Concurrency design. DuckDB lets one process at a time hold a file open for writing (an exclusive
+lock), or any number of processes hold it read-only (a shared lock); a second opener gets an
+"Could not set lock" IOException at once instead of waiting. So:
+- every public method opens its own connection, does its work in one short transaction (a few rows)
+  and closes it at once: no process ever holds the file between writes;
+- all opening goes through `Catalog._connect`, which retries a lock conflict with jittered
+  exponential backoff (5 ms doubling to 250 ms) for up to `busy_timeout_s` (default 10 minutes);
+  writers and `Catalog.query` readers thus queue up instead of failing;
+- a batch is validated with pandera before its transaction starts and written in one transaction,
+  so a killed process (DuckDB's WAL drops uncommitted work on the next open) or a bad batch leaves
+  no half-written rows;
+- opening a current file needs only a read-only connection; the file is opened read-write to
+  create or upgrade it.
+A reader that keeps a connection open (an interactive `duckdb` shell) makes writers wait until it
+closes; see the README's catalog section.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,16 +32,28 @@ import duckdb
 import pandas as pd
 
 from catalog import rows
-from catalog.errors import CatalogError
+from catalog.errors import CatalogBusyError, CatalogError
 from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_statements
+from catalog.views import VIEWS, create_view_statements
 from tasks.records import RunRecord, RunSummary, TrackOutcome
 
 
-class Catalog:
-    """Records runs, tracks and stems in the DuckDB file at `path`, creating it and its tables if missing."""
+# DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
+_LOCK_CONFLICT = "Could not set lock on file"
+_FIRST_PAUSE_S, _MAX_PAUSE_S = 0.005, 0.25
+DEFAULT_BUSY_TIMEOUT_S = 600.0
+EXPORT_FORMATS = ("parquet", "csv")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class Catalog:
+    """Records runs, tracks and stems in the DuckDB file at `path`, creating it and its tables if missing.
+
+    `busy_timeout_s`: how long to wait for other processes to release the file before giving up.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ensure_schema()
 
@@ -36,9 +62,9 @@ class Catalog:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def start_run(self, run: RunRecord) -> None:
+    def start_run(self, run: RunRecord, *, rebuilt_from: str | None = None) -> None:
         """Record a run as 'running'. Recording the same run_id twice is an error."""
-        frame = rows.run_frame(run)
+        frame = rows.run_frame(run, rebuilt_from)
         with self._transaction() as con:
             if _run_exists(con, run.run_id):
                 raise CatalogError(f"runs: run_id {run.run_id!r} is already recorded")
@@ -102,17 +128,51 @@ class Catalog:
         with self._reading() as con:
             return {table: _scalar(con, f'SELECT count(*) FROM "{table}"') for table in TABLES}
 
+    def export(self, folder: str | os.PathLike[str], fmt: str = "parquet") -> list[Path]:
+        """Write every table and view to `folder`/<name>.<fmt> from one consistent read; returns the files."""
+        if fmt not in EXPORT_FORMATS:
+            raise CatalogError(f"export format {fmt!r} is not one of {list(EXPORT_FORMATS)}")
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        options = "FORMAT parquet" if fmt == "parquet" else "FORMAT csv, HEADER true"
+        written = []
+        with self._reading() as con:
+            con.execute("BEGIN TRANSACTION")  # one snapshot: the files agree with each other
+            for name in [*TABLES, *VIEWS]:
+                path = target / f"{name}.{fmt}"
+                con.execute(f"COPY (SELECT * FROM \"{name}\") TO '{_sql_text(str(path))}' ({options})")
+                written.append(path)
+            con.execute("COMMIT")
+        return written
+
     # -- connections -----------------------------------------------------------------------------
 
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """The only place that opens the file, so cross-process retry can be added around it."""
-        con = duckdb.connect(str(self.path), read_only=read_only)
+        """The only place that opens the file: waits out other processes' locks (see the module doc)."""
+        con = self._open_waiting(read_only)
         try:
             con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
         except BaseException:
             con.close()
             raise
         return con
+
+    def _open_waiting(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.busy_timeout_s
+        pause = _FIRST_PAUSE_S
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                left = deadline - time.monotonic()
+                if _LOCK_CONFLICT not in str(exc):
+                    raise
+                if left <= 0:
+                    raise CatalogBusyError(f"{self.path} stayed locked by other processes for "
+                                           f"{self.busy_timeout_s:g} s; nothing was written ({exc})") from exc
+            # Jitter keeps processes that collided once from colliding again in lock step.
+            time.sleep(min(left, random.uniform(pause / 2, pause)))
+            pause = min(pause * 2, _MAX_PAUSE_S)
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -139,19 +199,33 @@ class Catalog:
             con.close()
 
     def _ensure_schema(self) -> None:
-        """Create missing tables and record/upgrade the schema version; safe to run on every open."""
-        with self._transaction() as con:
+        """Create or upgrade the file if needed; a current file is only read, so readers never block writers."""
+        if self.path.exists():
+            with self._reading() as con:
+                if self._stored_version(con) == SCHEMA_VERSION:
+                    _check_columns(con)
+                    return
+        with self._transaction() as con:  # re-checked under the write lock: another process may have upgraded it
             for statement in create_table_statements():
                 con.execute(statement)
-            version = _scalar(con, "SELECT max(version) FROM schema_version")
+            version = self._stored_version(con)
             if version is None:
                 _set_version(con, SCHEMA_VERSION)
-            elif version > SCHEMA_VERSION:
-                raise CatalogError(f"{self.path} has catalog schema {version}; this code knows up to "
-                                   f"{SCHEMA_VERSION}: upgrade stemworks")
-            else:
+            elif version < SCHEMA_VERSION:
                 _migrate(con, version)
+            for statement in create_view_statements():
+                con.execute(statement)
             _check_columns(con)
+
+    def _stored_version(self, con: duckdb.DuckDBPyConnection) -> int | None:
+        """The file's schema version (None when new); refuses a file written by newer code."""
+        has_table = _scalar(con, "SELECT count(*) FROM information_schema.tables "
+                                 "WHERE table_schema = current_schema() AND table_name = 'schema_version'")
+        version = _scalar(con, "SELECT max(version) FROM schema_version") if has_table else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise CatalogError(f"{self.path} has catalog schema {version}; this code knows up to "
+                               f"{SCHEMA_VERSION}: upgrade stemworks")
+        return version
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> Any:
@@ -159,6 +233,10 @@ def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None
     connection while a result is still pending."""
     rows = con.execute(sql, params or []).fetchall()
     return rows[0][0] if rows else None
+
+
+def _sql_text(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
