@@ -113,19 +113,19 @@ class Catalog:
             ORDER BY finished_at DESC, started_at DESC
             LIMIT 1
         """
-        with self._reading() as con:
+        with self.reading() as con:
             return _scalar(con, sql, [job_key, folder])
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one read-only SQL statement; returns (column names, rows)."""
-        with self._reading() as con:
+        with self.reading() as con:
             result = con.execute(sql)
             columns = [d[0] for d in result.description] if result.description else []
             return columns, result.fetchall()
 
     def counts(self) -> dict[str, int]:
         """Rows per table."""
-        with self._reading() as con:
+        with self.reading() as con:
             return {table: _scalar(con, f'SELECT count(*) FROM "{table}"') for table in TABLES}
 
     def export(self, folder: str | os.PathLike[str], fmt: str = "parquet") -> list[Path]:
@@ -136,7 +136,7 @@ class Catalog:
         target.mkdir(parents=True, exist_ok=True)
         options = "FORMAT parquet" if fmt == "parquet" else "FORMAT csv, HEADER true"
         written = []
-        with self._reading() as con:
+        with self.reading() as con:
             con.execute("BEGIN TRANSACTION")  # one snapshot: the files agree with each other
             for name in [*TABLES, *VIEWS]:
                 path = target / f"{name}.{fmt}"
@@ -191,7 +191,8 @@ class Catalog:
             con.close()
 
     @contextmanager
-    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection, waiting out writers like every open; close it soon (writers wait for it)."""
         con = self._connect(read_only=True)
         try:
             yield con
@@ -199,9 +200,9 @@ class Catalog:
             con.close()
 
     def _ensure_schema(self) -> None:
-        """Create or upgrade the file if needed; a current file is only read, so readers never block writers."""
+        """Create or upgrade the file if needed; a current file is only opened read-only."""
         if self.path.exists():
-            with self._reading() as con:
+            with self.reading() as con:
                 if self._stored_version(con) == SCHEMA_VERSION:
                     _check_columns(con)
                     return
