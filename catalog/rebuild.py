@@ -50,13 +50,20 @@ def _when(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+def manifest_stems(uri: str, manifest: dict | None = None) -> list[PublishedStem]:
+    """The stems a published manifest lists, addressed like publishing addressed them."""
+    manifest = manifest if manifest is not None else _read(uri)
+    folder = uri.rsplit("/", 1)[0]
+    return [PublishedStem(stem=s["stem"], uri=join(folder, s["file"]), sha256=s["sha256"], seconds=s["seconds"],
+                          bytes=s["bytes"], format=PurePosixPath(s["file"]).suffix[1:])
+            for s in manifest["stems"]]
+
+
 def outcome_from_manifest(uri: str, manifest: dict) -> TrackOutcome:
     """The succeeded track a manifest describes; timings, failures and per-stem quality are unknown."""
     folder = uri.rsplit("/", 1)[0]
     created = _when(manifest["created_at"])
-    stems = [PublishedStem(stem=s["stem"], uri=join(folder, s["file"]), sha256=s["sha256"], seconds=s["seconds"],
-                           bytes=s["bytes"], format=PurePosixPath(s["file"]).suffix[1:])
-             for s in manifest["stems"]]
+    stems = manifest_stems(uri, manifest)
     return TrackOutcome(
         source=manifest["source"], status="succeeded", content_sha256=manifest["content_sha256"],
         job_key=manifest["job_key"], started_at=created, finished_at=created, audio_seconds=manifest["seconds"],
