@@ -40,7 +40,7 @@ from tasks.records import RunRecord, RunSummary, TrackOutcome
 
 # DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
 _LOCK_CONFLICT = "Could not set lock on file"
-_FIRST_PAUSE_S, _MAX_PAUSE_S = 0.005, 0.25
+_FIRST_PAUSE_S, _MAX_PAUSE_S = 0.002, 0.05
 DEFAULT_BUSY_TIMEOUT_S = 600.0
 EXPORT_FORMATS = ("parquet", "csv")
 
