@@ -121,6 +121,7 @@ def rebuild(out: str, catalog_path: str | os.PathLike[str]) -> RebuildReport:
         report.stems += sum(len(m["stems"]) for _, m in entries)
     report.moved_aside = _move_aside(Path(catalog_path))
     os.replace(new_path, catalog_path)  # a finished catalog appears in one step, never a partial one
+    Path(f"{new_path}.lock").unlink(missing_ok=True)
     return report
 
 

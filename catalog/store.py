@@ -1,20 +1,25 @@
 """The catalog: a DuckDB file recording every run, track and stem.
 
 Concurrency design. DuckDB lets one process at a time hold a file open for writing (an exclusive
-lock), or any number of processes hold it read-only (a shared lock); a second opener gets an
-"Could not set lock" IOException at once instead of waiting. So:
+lock), or any number of processes hold it read-only (a shared lock); a second opener gets a
+"Could not set lock" IOException at once instead of waiting. Worse, measured with duckdb 2.0.0
+(benchmarks/catalog_writes.md): when several processes open, write and close the same file in turn,
+the failed read-write open attempts of the waiting processes can make committed rows disappear
+(about 4 in 800 with 8 processes), even when each attempt is retried. So:
+- every process first takes an OS lock on a sidecar file `<catalog>.lock` (flock: exclusive to write,
+  shared to read), waiting with jittered exponential backoff for up to `busy_timeout_s` (default
+  10 minutes); only then does it open the DuckDB file, so stemworks processes never race DuckDB's
+  own lock. Read-only opens by other programs (the `duckdb` CLI) do not take the sidecar lock; their
+  failed attempts are harmless, and a writer that meets their lock retries until they close;
 - every public method opens its own connection, does its work in one short transaction (a few rows)
-  and closes it at once: no process ever holds the file between writes;
-- all opening goes through `Catalog._connect`, which retries a lock conflict with jittered
-  exponential backoff (5 ms doubling to 250 ms) for up to `busy_timeout_s` (default 10 minutes);
-  writers and `Catalog.query` readers thus queue up instead of failing;
+  and closes it at once: no process holds the file between writes;
 - a batch is validated with pandera before its transaction starts and written in one transaction,
   so a killed process (DuckDB's WAL drops uncommitted work on the next open) or a bad batch leaves
   no half-written rows;
 - opening a current file needs only a read-only connection; the file is opened read-write to
   create or upgrade it.
 A reader that keeps a connection open (an interactive `duckdb` shell) makes writers wait until it
-closes; see the README's catalog section.
+closes; see the README's catalog section. All of this goes through `Catalog._connect`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ from typing import Any
 
 import duckdb
 import pandas as pd
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one writing process at a time is then the user's job
+    fcntl = None  # type: ignore[assignment]
 
 from catalog import rows
 from catalog.errors import CatalogBusyError, CatalogError
@@ -147,57 +157,59 @@ class Catalog:
 
     # -- connections -----------------------------------------------------------------------------
 
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """The only place that opens the file: waits out other processes' locks (see the module doc)."""
-        con = self._open_waiting(read_only)
-        try:
-            con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
-        except BaseException:
-            con.close()
-            raise
-        return con
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
 
-    def _open_waiting(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+    @contextmanager
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The only place that opens the file: sidecar lock first, then DuckDB (see the module doc)."""
         deadline = time.monotonic() + self.busy_timeout_s
+        with _sidecar_lock(self.lock_path, exclusive=not read_only, deadline=deadline, what=self):
+            con = self._open_waiting(read_only, deadline)
+            try:
+                con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
+                yield con
+            finally:
+                con.close()
+
+    def _open_waiting(self, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
+        """Open the file, waiting out programs that hold DuckDB's own lock without the sidecar one."""
         pause = _FIRST_PAUSE_S
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as exc:
-                left = deadline - time.monotonic()
                 if _LOCK_CONFLICT not in str(exc):
                     raise
+                left = deadline - time.monotonic()
                 if left <= 0:
-                    raise CatalogBusyError(f"{self.path} stayed locked by other processes for "
-                                           f"{self.busy_timeout_s:g} s; nothing was written ({exc})") from exc
-            # Jitter keeps processes that collided once from colliding again in lock step.
-            time.sleep(min(left, random.uniform(pause / 2, pause)))
-            pause = min(pause * 2, _MAX_PAUSE_S)
+                    raise self._busy(exc) from exc
+            pause = _pause(pause, left)
+
+    def _busy(self, detail: object) -> CatalogBusyError:
+        return CatalogBusyError(f"{self.path} stayed locked by other processes for {self.busy_timeout_s:g} s; "
+                                f"nothing was written ({detail})")
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self._connect(read_only=False)
-        try:
-            con.execute("BEGIN TRANSACTION")
-            yield con
-            con.execute("COMMIT")
-        except duckdb.ConstraintException as exc:  # validation passed, but the file's state disagrees
-            _rollback(con)
-            raise CatalogError(f"constraint violated: {exc}") from exc
-        except BaseException:
-            _rollback(con)
-            raise
-        finally:
-            con.close()
+        with self._connect(read_only=False) as con:
+            try:
+                con.execute("BEGIN TRANSACTION")
+                yield con
+                con.execute("COMMIT")
+            except duckdb.ConstraintException as exc:  # validation passed, but the file's state disagrees
+                _rollback(con)
+                raise CatalogError(f"constraint violated: {exc}") from exc
+            except BaseException:
+                _rollback(con)
+                raise
 
     @contextmanager
     def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection, waiting out writers like every open; close it soon (writers wait for it)."""
-        con = self._connect(read_only=True)
-        try:
+        with self._connect(read_only=True) as con:
             yield con
-        finally:
-            con.close()
 
     def _ensure_schema(self) -> None:
         """Create or upgrade the file if needed; a current file is only opened read-only."""
@@ -234,6 +246,56 @@ def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None
     connection while a result is still pending."""
     rows = con.execute(sql, params or []).fetchall()
     return rows[0][0] if rows else None
+
+
+def _pause(pause: float, left: float) -> float:
+    """Sleep a jittered `pause` (never past the deadline); return the next, longer one. Jitter keeps
+    processes that collided once from colliding again in lock step."""
+    time.sleep(max(0.0, min(left, random.uniform(pause / 2, pause))))
+    return min(pause * 2, _MAX_PAUSE_S)
+
+
+@contextmanager
+def _sidecar_lock(path: Path, *, exclusive: bool, deadline: float, what: Catalog) -> Iterator[None]:
+    """flock on `path`: exclusive for writers, shared for readers, waited for until `deadline`.
+
+    The kernel drops it when the process dies, so a killed writer never leaves the catalog locked.
+    """
+    fd = _open_lock_file(path, exclusive)
+    if fd is None:
+        yield
+        return
+    try:
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        pause = _FIRST_PAUSE_S
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise what._busy(f"lock file {path}") from None
+            pause = _pause(pause, left)
+        yield  # closing the descriptor below releases the lock
+    finally:
+        os.close(fd)
+
+
+def _open_lock_file(path: Path, exclusive: bool) -> int | None:
+    """The lock file's descriptor; None where locking is impossible and harmless to skip (no fcntl, or a
+    reader without write access to the folder: readers only need it to keep stemworks writers orderly)."""
+    if fcntl is None:
+        return None
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        if exclusive:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 def _sql_text(text: str) -> str:
