@@ -126,6 +126,13 @@ class Catalog:
         with self.reading() as con:
             return _scalar(con, sql, [job_key, folder])
 
+    def stems_recorded(self, manifest_uri: str) -> bool:
+        """Whether some recorded track published from `manifest_uri` has its stems in the catalog."""
+        sql = ("SELECT count(*) FROM stems s JOIN tracks t ON t.track_id = s.track_id "
+               "WHERE t.manifest_uri = ?")
+        with self.reading() as con:
+            return _scalar(con, sql, [manifest_uri]) > 0
+
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one read-only SQL statement; returns (column names, rows)."""
         with self.reading() as con:

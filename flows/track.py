@@ -100,7 +100,7 @@ def process_track(source: str, *, run_id: str, separation: SeparationSettings, o
         if existing is not None:
             track_uri = existing.rsplit("/", 1)[0]
             # Published by a run that died before recording it: record its stems now, or the catalog never will.
-            unrecorded = catalog.published_manifest(key, normalise(output.out)) is None
+            unrecorded = not catalog.stems_recorded(existing)
             return TrackOutcome(source=label, status="skipped", started_at=started, finished_at=now(),
                                 step_seconds=timer.seconds, published=PublishedTrack(
                                     manifest_uri=existing, track_uri=track_uri,

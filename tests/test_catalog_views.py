@@ -123,6 +123,19 @@ def test_export_refuses_unknown_format(history: Catalog, tmp_path: Path) -> None
         history.export(tmp_path, "xlsx")
 
 
+def test_stems_recorded_knows_which_manifests_have_their_stems(tmp_path: Path) -> None:
+    catalog = Catalog(tmp_path / "c.duckdb")
+    catalog.start_run(make_run())
+    catalog.record_track("run-1", make_succeeded("a"))
+    bare = make_succeeded("b")  # e.g. a skip that found the manifest but recorded no stems
+    catalog.record_track("run-1", bare.model_copy(update={
+        "status": "skipped", "published": bare.published.model_copy(update={"stems": []})}))
+
+    assert catalog.stems_recorded("/data/out/a/manifest.json")
+    assert not catalog.stems_recorded("/data/out/b/manifest.json")
+    assert not catalog.stems_recorded("/data/out/c/manifest.json")
+
+
 # -- schema evolution ----------------------------------------------------------------------------------
 
 
