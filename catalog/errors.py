@@ -13,3 +13,9 @@ class CatalogError(StemworksError):
 
 class CatalogValidationError(CatalogError):
     """A record broke the catalog schema; the message names the table, column and check. Nothing was written."""
+
+
+class CatalogBusyError(CatalogError):
+    """Other processes kept the catalog file locked for longer than the wait allowed. Nothing was written."""
+
+    default_retryable = True

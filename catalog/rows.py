@@ -30,8 +30,8 @@ def json_text(value: Any, where: str) -> str:
         raise CatalogValidationError(f"{where}: not JSON-serialisable ({exc})") from exc
 
 
-def run_frame(run: RunRecord) -> pd.DataFrame:
-    """The validated `runs` row of a run that has just started."""
+def run_frame(run: RunRecord, rebuilt_from: str | None = None) -> pd.DataFrame:
+    """The validated `runs` row of a run that has just started (or is being rebuilt from `rebuilt_from`)."""
     # mode="json" turns dates, paths and the like inside parameters into JSON-able values.
     parameters = run.model_dump(mode="json", include={"parameters"})["parameters"]
     row = {
@@ -54,6 +54,7 @@ def run_frame(run: RunRecord) -> pd.DataFrame:
         "tracks_failed": None,
         "tracks_skipped": None,
         "audio_seconds": None,
+        "rebuilt_from": rebuilt_from,
     }
     return validate_frame("runs", pd.DataFrame([row]))
 

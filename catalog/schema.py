@@ -19,11 +19,17 @@ from pandera.typing import Series
 
 from catalog.errors import CatalogValidationError
 
-# Bump when the layout changes, and add the statements that upgrade the previous version to MIGRATIONS.
-SCHEMA_VERSION = 1
+# Bump when the layout of a table or a view changes, and add the statements that upgrade the previous
+# version to MIGRATIONS (an empty tuple when only views changed: views are recreated after every upgrade).
+# A file is only ever opened read-write to upgrade it, so a current file costs readers no write lock.
+SCHEMA_VERSION = 2
 
 # version -> statements that upgrade a catalog from version - 1 to version.
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # v2: runs reconstructed by `stemworks catalog rebuild` say where from; views lineage, track_latest,
+    # failures and throughput appear.
+    2: ('ALTER TABLE "runs" ADD COLUMN "rebuilt_from" VARCHAR',),
+}
 
 RUN_STATUSES = ("running", "completed", "failed")
 TRACK_STATUSES = ("succeeded", "failed", "skipped")
@@ -88,6 +94,9 @@ class RunsModel(_Table):
     tracks_failed: Series[pd.Int64Dtype] = pa.Field(nullable=True, ge=0)
     tracks_skipped: Series[pd.Int64Dtype] = pa.Field(nullable=True, ge=0)
     audio_seconds: Series[float] = pa.Field(nullable=True, ge=0)
+    # Last, because a migration appends it: fresh and upgraded files then have the same column order.
+    rebuilt_from: Series[str] = pa.Field(nullable=True, description="Storage URL the run was reconstructed "
+                                         "from by `catalog rebuild`; null for runs recorded as they ran.")
 
     class Config:
         metadata = {"primary_key": ("run_id",)}

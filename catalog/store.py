@@ -1,13 +1,32 @@
 """The catalog: a DuckDB file recording every run, track and stem.
 
-Several processes share the file, and DuckDB lets only one process hold it open for writing, so every
-public method opens its own short-lived connection, does its work in one transaction and closes it.
-All connecting goes through `Catalog._connect`, the single place to add retries on a locked file.
+Concurrency design. DuckDB lets one process at a time hold a file open for writing (an exclusive
+lock), or any number of processes hold it read-only (a shared lock); a second opener gets a
+"Could not set lock" IOException at once instead of waiting. Worse, measured with duckdb 2.0.0
+(benchmarks/catalog_writes.md): when several processes open, write and close the same file in turn,
+the failed read-write open attempts of the waiting processes can make committed rows disappear
+(about 4 in 800 with 8 processes), even when each attempt is retried. So:
+- every process first takes an OS lock on a sidecar file `<catalog>.lock` (flock: exclusive to write,
+  shared to read), waiting with jittered exponential backoff for up to `busy_timeout_s` (default
+  10 minutes); only then does it open the DuckDB file, so stemworks processes never race DuckDB's
+  own lock. Read-only opens by other programs (the `duckdb` CLI) do not take the sidecar lock; their
+  failed attempts are harmless, and a writer that meets their lock retries until they close;
+- every public method opens its own connection, does its work in one short transaction (a few rows)
+  and closes it at once: no process holds the file between writes;
+- a batch is validated with pandera before its transaction starts and written in one transaction,
+  so a killed process (DuckDB's WAL drops uncommitted work on the next open) or a bad batch leaves
+  no half-written rows;
+- opening a current file needs only a read-only connection; the file is opened read-write to
+  create or upgrade it.
+A reader that keeps a connection open (an interactive `duckdb` shell) makes writers wait until it
+closes; see the README's catalog section. All of this goes through `Catalog._connect`.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,17 +36,34 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one writing process at a time is then the user's job
+    fcntl = None  # type: ignore[assignment]
+
 from catalog import rows
-from catalog.errors import CatalogError
+from catalog.errors import CatalogBusyError, CatalogError
 from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_statements
+from catalog.views import VIEWS, create_view_statements
 from tasks.records import RunRecord, RunSummary, TrackOutcome
 
 
-class Catalog:
-    """Records runs, tracks and stems in the DuckDB file at `path`, creating it and its tables if missing."""
+# DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
+_LOCK_CONFLICT = "Could not set lock on file"
+_FIRST_PAUSE_S, _MAX_PAUSE_S = 0.002, 0.05
+DEFAULT_BUSY_TIMEOUT_S = 600.0
+EXPORT_FORMATS = ("parquet", "csv")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class Catalog:
+    """Records runs, tracks and stems in the DuckDB file at `path`, creating it and its tables if missing.
+
+    `busy_timeout_s`: how long to wait for other processes to release the file before giving up.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ensure_schema()
 
@@ -36,9 +72,9 @@ class Catalog:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def start_run(self, run: RunRecord) -> None:
+    def start_run(self, run: RunRecord, *, rebuilt_from: str | None = None) -> None:
         """Record a run as 'running'. Recording the same run_id twice is an error."""
-        frame = rows.run_frame(run)
+        frame = rows.run_frame(run, rebuilt_from)
         with self._transaction() as con:
             if _run_exists(con, run.run_id):
                 raise CatalogError(f"runs: run_id {run.run_id!r} is already recorded")
@@ -87,71 +123,129 @@ class Catalog:
             ORDER BY finished_at DESC, started_at DESC
             LIMIT 1
         """
-        with self._reading() as con:
+        with self.reading() as con:
             return _scalar(con, sql, [job_key, folder])
+
+    def stems_recorded(self, manifest_uri: str) -> bool:
+        """Whether some recorded track published from `manifest_uri` has its stems in the catalog."""
+        sql = ("SELECT count(*) FROM stems s JOIN tracks t ON t.track_id = s.track_id "
+               "WHERE t.manifest_uri = ?")
+        with self.reading() as con:
+            return _scalar(con, sql, [manifest_uri]) > 0
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one read-only SQL statement; returns (column names, rows)."""
-        with self._reading() as con:
+        with self.reading() as con:
             result = con.execute(sql)
             columns = [d[0] for d in result.description] if result.description else []
             return columns, result.fetchall()
 
     def counts(self) -> dict[str, int]:
         """Rows per table."""
-        with self._reading() as con:
+        with self.reading() as con:
             return {table: _scalar(con, f'SELECT count(*) FROM "{table}"') for table in TABLES}
+
+    def export(self, folder: str | os.PathLike[str], fmt: str = "parquet") -> list[Path]:
+        """Write every table and view to `folder`/<name>.<fmt> from one consistent read; returns the files."""
+        if fmt not in EXPORT_FORMATS:
+            raise CatalogError(f"export format {fmt!r} is not one of {list(EXPORT_FORMATS)}")
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        options = "FORMAT parquet" if fmt == "parquet" else "FORMAT csv, HEADER true"
+        written = []
+        with self.reading() as con:
+            con.execute("BEGIN TRANSACTION")  # one snapshot: the files agree with each other
+            for name in [*TABLES, *VIEWS]:
+                path = target / f"{name}.{fmt}"
+                con.execute(f"COPY (SELECT * FROM \"{name}\") TO '{_sql_text(str(path))}' ({options})")
+                written.append(path)
+            con.execute("COMMIT")
+        return written
 
     # -- connections -----------------------------------------------------------------------------
 
-    def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
-        """The only place that opens the file, so cross-process retry can be added around it."""
-        con = duckdb.connect(str(self.path), read_only=read_only)
-        try:
-            con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
-        except BaseException:
-            con.close()
-            raise
-        return con
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".lock")
+
+    @contextmanager
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The only place that opens the file: sidecar lock first, then DuckDB (see the module doc)."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        with _sidecar_lock(self.lock_path, exclusive=not read_only, deadline=deadline, what=self):
+            con = self._open_waiting(read_only, deadline)
+            try:
+                con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
+                yield con
+            finally:
+                con.close()
+
+    def _open_waiting(self, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
+        """Open the file, waiting out programs that hold DuckDB's own lock without the sidecar one."""
+        pause = _FIRST_PAUSE_S
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if _LOCK_CONFLICT not in str(exc):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._busy(exc) from exc
+            pause = _pause(pause, left)
+
+    def _busy(self, detail: object) -> CatalogBusyError:
+        return CatalogBusyError(f"{self.path} stayed locked by other processes for {self.busy_timeout_s:g} s; "
+                                f"nothing was written ({detail})")
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self._connect(read_only=False)
-        try:
-            con.execute("BEGIN TRANSACTION")
-            yield con
-            con.execute("COMMIT")
-        except duckdb.ConstraintException as exc:  # validation passed, but the file's state disagrees
-            _rollback(con)
-            raise CatalogError(f"constraint violated: {exc}") from exc
-        except BaseException:
-            _rollback(con)
-            raise
-        finally:
-            con.close()
+        with self._connect(read_only=False) as con:
+            try:
+                con.execute("BEGIN TRANSACTION")
+                yield con
+                con.execute("COMMIT")
+            except duckdb.ConstraintException as exc:  # validation passed, but the file's state disagrees
+                _rollback(con)
+                raise CatalogError(f"constraint violated: {exc}") from exc
+            except BaseException:
+                _rollback(con)
+                raise
 
     @contextmanager
-    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        con = self._connect(read_only=True)
-        try:
+    def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection, waiting out writers like every open; close it soon (writers wait for it)."""
+        with self._connect(read_only=True) as con:
             yield con
-        finally:
-            con.close()
 
     def _ensure_schema(self) -> None:
-        """Create missing tables and record/upgrade the schema version; safe to run on every open."""
-        with self._transaction() as con:
+        """Create or upgrade the file if needed; a current file is only opened read-only."""
+        if self.path.exists():
+            with self.reading() as con:
+                if self._stored_version(con) == SCHEMA_VERSION:
+                    _check_columns(con)
+                    return
+        with self._transaction() as con:  # re-checked under the write lock: another process may have upgraded it
             for statement in create_table_statements():
                 con.execute(statement)
-            version = _scalar(con, "SELECT max(version) FROM schema_version")
+            version = self._stored_version(con)
             if version is None:
                 _set_version(con, SCHEMA_VERSION)
-            elif version > SCHEMA_VERSION:
-                raise CatalogError(f"{self.path} has catalog schema {version}; this code knows up to "
-                                   f"{SCHEMA_VERSION}: upgrade stemworks")
-            else:
+            elif version < SCHEMA_VERSION:
                 _migrate(con, version)
+            for statement in create_view_statements():
+                con.execute(statement)
             _check_columns(con)
+
+    def _stored_version(self, con: duckdb.DuckDBPyConnection) -> int | None:
+        """The file's schema version (None when new); refuses a file written by newer code."""
+        has_table = _scalar(con, "SELECT count(*) FROM information_schema.tables "
+                                 "WHERE table_schema = current_schema() AND table_name = 'schema_version'")
+        version = _scalar(con, "SELECT max(version) FROM schema_version") if has_table else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise CatalogError(f"{self.path} has catalog schema {version}; this code knows up to "
+                               f"{SCHEMA_VERSION}: upgrade stemworks")
+        return version
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> Any:
@@ -159,6 +253,60 @@ def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None
     connection while a result is still pending."""
     rows = con.execute(sql, params or []).fetchall()
     return rows[0][0] if rows else None
+
+
+def _pause(pause: float, left: float) -> float:
+    """Sleep a jittered `pause` (never past the deadline); return the next, longer one. Jitter keeps
+    processes that collided once from colliding again in lock step."""
+    time.sleep(max(0.0, min(left, random.uniform(pause / 2, pause))))
+    return min(pause * 2, _MAX_PAUSE_S)
+
+
+@contextmanager
+def _sidecar_lock(path: Path, *, exclusive: bool, deadline: float, what: Catalog) -> Iterator[None]:
+    """flock on `path`: exclusive for writers, shared for readers, waited for until `deadline`.
+
+    The kernel drops it when the process dies, so a killed writer never leaves the catalog locked.
+    """
+    fd = _open_lock_file(path, exclusive)
+    if fd is None:
+        yield
+        return
+    try:
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        pause = _FIRST_PAUSE_S
+        while True:
+            try:
+                fcntl.flock(fd, mode)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise what._busy(f"lock file {path}") from None
+            pause = _pause(pause, left)
+        yield  # closing the descriptor below releases the lock
+    finally:
+        os.close(fd)
+
+
+def _open_lock_file(path: Path, exclusive: bool) -> int | None:
+    """The lock file's descriptor; None where locking is impossible and harmless to skip (no fcntl, or a
+    reader without write access to the folder: readers only need it to keep stemworks writers orderly)."""
+    if fcntl is None:
+        return None
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        if exclusive:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _sql_text(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:

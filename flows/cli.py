@@ -1,4 +1,4 @@
-"""The `stemworks` command line: `separate`, `catalog query`, `model random`."""
+"""The `stemworks` command line: `separate`, `catalog query|export|rebuild`, `model random`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("sql")
     query.add_argument("--catalog", metavar="PATH")
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    export = cat_commands.add_parser("export", help="write every table and view to DIR as parquet or csv")
+    export.add_argument("dir", metavar="DIR")
+    export.add_argument("--catalog", metavar="PATH")
+    export.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    rebuild = cat_commands.add_parser("rebuild", help="rebuild the catalog from the manifests published under OUT_URL")
+    rebuild.add_argument("--from", dest="out", required=True, metavar="OUT_URL")
+    rebuild.add_argument("--catalog", metavar="PATH")
 
     model = commands.add_parser("model", help="model repository helpers")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -156,14 +163,57 @@ def print_summary(summary, console: Console) -> None:
                           highlight=False, soft_wrap=True)
 
 
-def run_query(args: argparse.Namespace, console: Console) -> int:
-    import duckdb
-
-    from catalog import Catalog, default_catalog_path
+def _existing_catalog(args: argparse.Namespace, console: Console) -> Path | None:
+    from catalog import default_catalog_path
 
     path = Path(args.catalog or default_catalog_path())
     if not path.exists():
         console.print(f"[red]stemworks: no catalog at {path}[/red]")
+        return None
+    return path
+
+
+def run_catalog(args: argparse.Namespace, console: Console) -> int:
+    from catalog import CatalogError
+
+    commands = {"query": run_query, "export": run_export, "rebuild": run_rebuild}
+    try:
+        return commands[args.catalog_command](args, console)
+    except CatalogError as exc:
+        console.print(f"[red]stemworks: {exc}[/red]", highlight=False)
+        return EXIT_USAGE
+
+
+def run_export(args: argparse.Namespace, console: Console) -> int:
+    from catalog import Catalog
+
+    if (path := _existing_catalog(args, console)) is None:
+        return EXIT_USAGE
+    for file in Catalog(path).export(args.dir, args.format):
+        console.print(f"wrote {file}", highlight=False)
+    return EXIT_OK
+
+
+def run_rebuild(args: argparse.Namespace, console: Console) -> int:
+    from catalog import default_catalog_path
+    from catalog.rebuild import rebuild
+
+    report = rebuild(args.out, args.catalog or default_catalog_path())
+    if report.moved_aside:
+        console.print(f"previous catalog kept as {report.moved_aside}", highlight=False)
+    for uri, why in report.skipped:
+        console.print(f"[yellow]skipped[/yellow] {uri}: {why}", highlight=False)
+    console.print(f"rebuilt {report.catalog} from {report.out}: {report.runs} runs, {report.tracks} tracks, "
+                  f"{report.stems} stems", highlight=False)
+    return EXIT_OK
+
+
+def run_query(args: argparse.Namespace, console: Console) -> int:
+    import duckdb
+
+    from catalog import Catalog
+
+    if (path := _existing_catalog(args, console)) is None:
         return EXIT_USAGE
     try:
         columns, rows = Catalog(path).query(args.sql)
@@ -198,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "separate":
         return run_separate(args, console)
     if args.command == "catalog":
-        return run_query(args, console)
+        return run_catalog(args, console)
     return run_model_random(args, console)
 
 

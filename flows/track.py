@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, runtime
 
 from catalog import Catalog, default_catalog_path
+from catalog.rebuild import manifest_stems
 from tasks import steps
 from tasks.errors import StemworksError
 from tasks.progress import reporter
@@ -98,9 +99,12 @@ def process_track(source: str, *, run_id: str, separation: SeparationSettings, o
         existing = find_existing(output.out, folder, key, catalog)
         if existing is not None:
             track_uri = existing.rsplit("/", 1)[0]
+            # Published by a run that died before recording it: record its stems now, or the catalog never will.
+            unrecorded = not catalog.stems_recorded(existing)
             return TrackOutcome(source=label, status="skipped", started_at=started, finished_at=now(),
                                 step_seconds=timer.seconds, published=PublishedTrack(
-                                    manifest_uri=existing, track_uri=track_uri, stems=[]), **known)
+                                    manifest_uri=existing, track_uri=track_uri,
+                                    stems=manifest_stems(existing) if unrecorded else []), **known)
         with timer.step("validate"):
             info = steps.validate(fetched, limits)
         known["info"] = info

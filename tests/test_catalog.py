@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from catalog import Catalog, CatalogError, CatalogValidationError, default_catalog_path
-from catalog.schema import STEPS, TABLES, column_types, create_table_statements
+from catalog.schema import SCHEMA_VERSION, STEPS, TABLES, column_types, create_table_statements
 from tasks.records import (AudioInfo, PublishedStem, PublishedTrack, RunRecord, RunSummary, StemQuality,
                            TrackOutcome, TrackQuality)
 
@@ -115,7 +115,7 @@ def as_dicts(catalog: Catalog, sql: str) -> list[dict]:
 def test_new_file_has_every_table_empty_but_the_version(path: Path, catalog: Catalog) -> None:
     assert path.is_file()
     assert catalog.counts() == {"schema_version": 1, "runs": 0, "tracks": 0, "stems": 0}
-    assert catalog.query("SELECT version FROM schema_version") == (["version"], [(1,)])
+    assert catalog.query("SELECT version FROM schema_version") == (["version"], [(SCHEMA_VERSION,)])
 
 
 def test_library_run_rows_and_counts(library: tuple[Catalog, dict[str, str]]) -> None:
@@ -198,7 +198,8 @@ def test_started_run_is_running_with_null_outcome(started: Catalog) -> None:
         "finished_at": None, "status": "running", "parameters": '{"model": "htdemucs", "shifts": 1}',
         "sources": '["/music"]', "out": OUT, "model_name": "htdemucs", "model_signature": "955717e8",
         "device": "cpu", "code_version": "0.1.0", "hostname": "box", "tracks_total": None,
-        "tracks_succeeded": None, "tracks_failed": None, "tracks_skipped": None, "audio_seconds": None}
+        "tracks_succeeded": None, "tracks_failed": None, "tracks_skipped": None, "audio_seconds": None,
+        "rebuilt_from": None}
 
 
 @pytest.mark.parametrize("status", ["completed", "failed"])
@@ -347,7 +348,8 @@ def test_default_catalog_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 def test_every_pandera_column_is_a_duckdb_column(path: Path, catalog: Catalog) -> None:
     stored = read_plain(path, "SELECT table_name, column_name, data_type, is_nullable "
-                              "FROM information_schema.columns")
+                              "FROM information_schema.columns JOIN information_schema.tables USING (table_name) "
+                              "WHERE table_type = 'BASE TABLE'")
     expected = {(table, column, sql_type, "YES" if nullable else "NO")
                 for table, model in TABLES.items()
                 for column, (sql_type, nullable) in column_types(model).items()}

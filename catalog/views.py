@@ -1,0 +1,123 @@
+"""Views analysts query: lineage, latest outcome per content hash, failures, throughput.
+
+They read only the tables, so they are always as current as the last committed write. Changing one
+means bumping `SCHEMA_VERSION` (with an empty migration if no table changes): views are (re)created
+whenever a file is upgraded, never on a plain open, so opening a current file needs no write lock.
+"""
+
+from __future__ import annotations
+
+from catalog.schema import STEPS
+
+# Each published stem file back to where it came from and what made it.
+LINEAGE = """
+SELECT
+    s.uri              AS stem_uri,
+    s.stem,
+    s.format,
+    s.sha256           AS stem_sha256,
+    s.bytes,
+    s.seconds,
+    t.source,
+    t.origin,
+    t.content_sha256,
+    t.job_key,
+    t.manifest_uri,
+    r.model_name,
+    r.model_signature,
+    r.device,
+    r.parameters,
+    r.code_version,
+    s.run_id,
+    r.flow_run_id,
+    t.flow_run_id      AS track_flow_run_id,
+    r.flow_name,
+    r.hostname,
+    t.track_id,
+    t.finished_at      AS published_at,
+    r.rebuilt_from
+FROM stems s
+JOIN tracks t ON t.track_id = s.track_id
+JOIN runs r ON r.run_id = s.run_id
+"""
+
+# The most recent outcome for each distinct input (by content), with how often it was seen.
+# Tracks that failed before their bytes were read have no content hash and appear only in `failures`.
+TRACK_LATEST = """
+SELECT
+    t.content_sha256,
+    t.status,
+    t.source,
+    t.error,
+    t.error_step,
+    t.manifest_uri,
+    t.job_key,
+    t.finished_at,
+    r.model_name,
+    r.model_signature,
+    t.run_id,
+    t.track_id,
+    count(*) OVER by_content                                                   AS outcomes,
+    sum(CASE WHEN t.status = 'succeeded' THEN 1 ELSE 0 END) OVER by_content    AS times_succeeded
+FROM tracks t
+JOIN runs r ON r.run_id = t.run_id
+WHERE t.content_sha256 IS NOT NULL
+WINDOW by_content AS (PARTITION BY t.content_sha256)
+QUALIFY row_number() OVER (PARTITION BY t.content_sha256
+                           ORDER BY t.finished_at DESC, t.started_at DESC, t.track_id DESC) = 1
+"""
+
+# Failed tracks; `reason` is the error with the track's own source replaced, so the same problem on
+# different files groups together, and `reason_count` counts the failed tracks sharing step and reason.
+FAILURES = """
+SELECT
+    t.error_step                                       AS step,
+    replace(t.error, t.source, '<source>')             AS reason,
+    count(*) OVER (PARTITION BY t.error_step, replace(t.error, t.source, '<source>')) AS reason_count,
+    t.source,
+    t.error,
+    t.content_sha256,
+    t.finished_at                                      AS failed_at,
+    r.model_name,
+    r.hostname,
+    t.run_id,
+    r.flow_run_id,
+    t.flow_run_id                                      AS track_flow_run_id,
+    t.track_id
+FROM tracks t
+JOIN runs r ON r.run_id = t.run_id
+WHERE t.status = 'failed'
+"""
+
+_STEP_MEANS = ",\n    ".join(f"avg(t.{step}_s) AS mean_{step}_s" for step in STEPS)
+
+# Speed of separated (not skipped, not rebuilt) tracks per UTC day, model and device. Wall time is each
+# track's own start to finish, so tracks run side by side by several processes each count in full.
+THROUGHPUT = f"""
+SELECT
+    CAST(timezone('UTC', t.started_at) AS DATE)                         AS day,
+    r.model_name,
+    r.model_signature,
+    r.device,
+    count(*)                                                            AS tracks,
+    sum(t.audio_seconds)                                                AS audio_seconds,
+    sum(epoch(t.finished_at) - epoch(t.started_at))                     AS wall_seconds,
+    sum(t.audio_seconds) / nullif(sum(epoch(t.finished_at) - epoch(t.started_at)), 0)
+                                                                        AS audio_s_per_wall_s,
+    {_STEP_MEANS}
+FROM tracks t
+JOIN runs r ON r.run_id = t.run_id
+WHERE t.status = 'succeeded' AND t.separate_s IS NOT NULL
+GROUP BY ALL
+"""
+
+VIEWS: dict[str, str] = {
+    "lineage": LINEAGE,
+    "track_latest": TRACK_LATEST,
+    "failures": FAILURES,
+    "throughput": THROUGHPUT,
+}
+
+
+def create_view_statements() -> list[str]:
+    return [f'CREATE OR REPLACE VIEW "{name}" AS {sql.strip()}' for name, sql in VIEWS.items()]
