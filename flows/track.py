@@ -19,7 +19,7 @@ from tasks.errors import StemworksError
 from tasks.progress import reporter
 from tasks.publish import manifest_is_complete, published_manifest, track_folder
 from tasks.records import PublishedTrack, RunRecord, RunSummary, TrackOutcome
-from tasks.separate import load_model
+from tasks.separate import load_model, precision_for
 from tasks.settings import Limits, OutputSettings, SeparationSettings, job_key
 from tasks.storage import normalise, redact
 from tasks.version import code_version
@@ -91,8 +91,9 @@ def process_track(source: str, *, run_id: str, separation: SeparationSettings, o
         with timer.step("fetch"):
             fetched = steps.fetch(source, str(work_dir), limits)
         known.update(content_sha256=fetched.content_sha256, origin=fetched.origin)
-        _, model_info, _ = load_model(separation)
-        key = job_key(fetched.content_sha256, model_info.signature, separation, output)
+        _, model_info, device = load_model(separation)
+        key = job_key(fetched.content_sha256, model_info.signature, separation, output,
+                      precision=precision_for(separation, device))
         known["job_key"] = key
         folder = track_folder(source, key)
         existing = find_existing(output.out, folder, key, catalog)

@@ -12,6 +12,7 @@ GiB = 1024**3
 
 Device = Literal["auto", "cpu", "cuda"]
 AudioFormat = Literal["wav", "flac", "mp3"]
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 BitDepth = Literal[16, 24, 32]
 
 
@@ -33,7 +34,7 @@ class Limits(BaseModel):
 
 
 class SeparationSettings(BaseModel):
-    """How Demucs is run. Everything here except `device` and `model_repo` changes the output."""
+    """How Demucs is run. Everything here except `device`, `model_repo` and `batch_size` changes the output."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,6 +51,11 @@ class SeparationSettings(BaseModel):
                                   description="Segment length override; unset uses the model's own.")
     two_stems: str | None = Field(None, title="Two stems",
                                   description="Keep one stem and its complement (e.g. vocals -> vocals + no_vocals).")
+    precision: PrecisionChoice = Field("auto", title="Precision",
+                                       description="Model arithmetic: auto = fp32 on CPU, bf16 (fp16 where bf16 is "
+                                                   "unsupported) on GPU. Reduced precision changes the output slightly.")
+    batch_size: int | None = Field(None, ge=1, le=512, title="Batch size",
+                                   description="Segments per model call; unset: 1 on CPU, from free memory on GPU.")
 
     @field_validator("model")
     @classmethod
@@ -78,11 +84,12 @@ class OutputSettings(BaseModel):
 
 
 def job_key(content_sha256: str, model_signature: str, separation: SeparationSettings,
-            output: OutputSettings) -> str:
+            output: OutputSettings, precision: str = "fp32") -> str:
     """Identity of one piece of work: same bytes, same model weights, same output-shaping settings.
 
     File names, locations and the device do not take part, so renamed or moved files are
-    recognised and a GPU host can skip what a CPU host already published.
+    recognised and a GPU host can skip what a CPU host already published. `precision` is the
+    resolved one (`auto` depends on the device); float32 adds nothing, so float32 keys stay as they were.
     """
     shaping = {
         "content_sha256": content_sha256,
@@ -95,4 +102,6 @@ def job_key(content_sha256: str, model_signature: str, separation: SeparationSet
         "bit_depth": output.bit_depth if output.format != "mp3" else None,
         "mp3_bitrate": output.mp3_bitrate if output.format == "mp3" else None,
     }
+    if precision != "fp32":
+        shaping["precision"] = precision
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
