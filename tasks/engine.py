@@ -6,6 +6,7 @@ per-source weights) with three differences that do not change the result:
 
 * segments from one or many tracks and shift passes are run through the model in batches
   (batch size chosen from free device memory on GPU, 1 on CPU where batching was measured to hurt);
+  on CPU, several segments run at once in worker threads that split the cores between them;
 * the mixture is read window by window from a `.npy` on disk and finished stem windows are written
   as soon as no later segment overlaps them, so memory is bounded by the batch, not the track;
 * on CUDA, inputs travel through pinned memory with asynchronous copies and the next batch is
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +36,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 ProgressFn = Callable[[str, float], None]
 
 MAX_AUTO_BATCH = 64
+MAX_CPU_WORKERS = 4
 GPU_MEMORY_SHARE = 0.6  # of the memory free after the probe: leaves room for fragmentation and other work
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +49,7 @@ class EngineOptions:
     two_stems: str | None = None
     precision: Precision = "fp32"
     batch_size: int | None = None  # None: chosen per device
+    workers: int | None = None  # CPU only: segments computed at once, each on its own share of the threads
 
 
 @dataclass(frozen=True)
@@ -261,37 +266,48 @@ def _write(p: Pass, start: int, estimate: np.ndarray, sources: list[str], two_st
 @dataclass
 class Launched:
     segments: list[Segment]
-    host: torch.Tensor
+    host: torch.Tensor | None = None
     done: torch.cuda.Event | None = None
+    future: Future | None = None
 
 
 @dataclass
 class Runner:
+    """Runs batches; `depth` of them may be in flight while the host reads inputs and writes stems.
+
+    CUDA: inputs go through pinned memory with asynchronous copies, outputs come back the same way.
+    CPU: `depth` worker threads each run one batch with `threads` intra-op threads. Whole segments in
+    parallel scale better than intra-op threads, and far better when the cores are shared (OpenMP's
+    barriers stall whenever one of its threads is descheduled).
+    """
+
     subs: list[torch.nn.Module]
     device: torch.device
     precision: Precision
-    pinned: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.pinned = self.device.type == "cuda"
+    depth: int
+    pool: ThreadPoolExecutor | None = None
 
     def launch(self, batch: list[Segment]) -> Launched:
         inputs = torch.from_numpy(np.stack([segment.read() for segment in batch]))
-        if self.pinned:
-            inputs = inputs.pin_memory()
-        inputs = inputs.to(self.device, non_blocking=True)
-        with torch.inference_mode(), autocast(self.device, self.precision):
-            out = self.subs[batch[0].pass_.member](inputs)
-        out = out.float()
-        if not self.pinned:
-            return Launched(batch, out)
+        if self.device.type != "cuda":
+            if self.pool is None:
+                return Launched(batch, host=self._forward(batch, inputs))
+            return Launched(batch, future=self.pool.submit(self._forward, batch, inputs))
+        inputs = inputs.pin_memory().to(self.device, non_blocking=True)
+        out = self._forward(batch, inputs)
         host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(out, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return Launched(batch, host, done)
+        return Launched(batch, host=host, done=done)
+
+    def _forward(self, batch: list[Segment], inputs: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast(self.device, self.precision):
+            return self.subs[batch[0].pass_.member](inputs).float()
 
     def collect(self, launched: Launched) -> list[np.ndarray]:
+        if launched.future is not None:
+            launched.host = launched.future.result()
         if launched.done is not None:
             launched.done.synchronize()
         array = launched.host.numpy()
@@ -300,6 +316,26 @@ class Runner:
             trim = (segment.input_length - segment.chunk_length) // 2
             outputs.append(array[i, ..., trim:trim + segment.chunk_length])
         return outputs
+
+
+@contextmanager
+def open_runner(model: torch.nn.Module, device: torch.device, options: EngineOptions) -> Iterator[Runner]:
+    subs = members(model)[0]
+    if device.type == "cuda":
+        yield Runner(subs, device, options.precision, depth=2)
+        return
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, options.workers or min(threads, MAX_CPU_WORKERS)))
+    if workers == 1:
+        yield Runner(subs, device, options.precision, depth=1)
+        return
+    # The intra-op thread count is process-wide; it is restored as soon as this track is done.
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="segment") as pool:
+            yield Runner(subs, device, options.precision, depth=workers, pool=pool)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def batches(stream: Iterator[Segment], size: int) -> Iterator[list[Segment]]:
@@ -351,8 +387,8 @@ def separate_files(model: torch.nn.Module, tracks: list[TrackFiles], options: En
     try:
         passes = plan_passes(model, states, options, random.Random(seed) if seed is not None else random)
         size = options.batch_size or auto_batch_size(model, torch_device, options.precision, options.segment)
-        runner = Runner(members(model)[0], torch_device, options.precision)
-        _run(runner, passes, size, sources, options.two_stems, progress)
+        with open_runner(model, torch_device, options) as active:
+            _run(active, passes, size, sources, options.two_stems, progress)
     except RuntimeError as exc:
         retryable = "out of memory" in str(exc).lower()
         source = tracks[0].source if len(tracks) == 1 else ""
@@ -378,16 +414,14 @@ def _run(runner: Runner, passes: list[Pass], size: int, sources: list[str], two_
     for p in passes:
         totals[id(p.track)] = totals.get(id(p.track), 0) + len(p.offsets())
     done: dict[int, int] = dict.fromkeys(totals, 0)
-    pending: Launched | None = None
-    # One batch in flight: on CUDA the host reads the next inputs and writes finished stems while
-    # the device computes; on CPU this degenerates to running batches one after another.
+    inflight: deque[Launched] = deque()
+    # Results are taken oldest first, so each pass's overlap-add still sees its segments in order.
     for batch in batches(segments(passes), size):
-        launched = runner.launch(batch)
-        if pending is not None:
-            _finish(runner, pending, sources, two_stems, progress, totals, done)
-        pending = launched
-    if pending is not None:
-        _finish(runner, pending, sources, two_stems, progress, totals, done)
+        if len(inflight) >= runner.depth:
+            _finish(runner, inflight.popleft(), sources, two_stems, progress, totals, done)
+        inflight.append(runner.launch(batch))
+    while inflight:
+        _finish(runner, inflight.popleft(), sources, two_stems, progress, totals, done)
 
 
 def _finish(runner: Runner, launched: Launched, sources: list[str], two_stems: str | None,
