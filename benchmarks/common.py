@@ -70,7 +70,9 @@ def timed(command: list[str], *, env: dict[str, str] | None = None) -> dict:
     """Run `command` in a fresh wrapper process; wall seconds and the peak RSS of its largest process."""
     wrapper = [sys.executable, str(Path(__file__).with_name("peak_rss.py")), "--", *command]
     started = time.perf_counter()
-    result = subprocess.run(wrapper, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    # A loaded machine can take longer than Prefect's default to start its temporary API server.
+    defaults = {"PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
+    result = subprocess.run(wrapper, cwd=ROOT, env={**os.environ, **defaults, **(env or {})},
                             capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:

@@ -105,7 +105,6 @@ class TrackState:
     outputs: dict[str, NpyOutput]
     mean: np.float32
     std: np.float32
-    passes_done: int = 0
 
 
 @dataclass
@@ -227,8 +226,6 @@ def add_segment(segment: Segment, output: np.ndarray, sources: list[str], two_st
     p.wsum[lo:lo + n] += p.weight[:n]
     last = segment.offset + p.stride >= p.length
     _flush(p, p.length if last else segment.offset + p.stride, sources, two_stems)
-    if last:
-        p.track.passes_done += 1
 
 
 def _flush(p: Pass, upto: int, sources: list[str], two_stems: str | None) -> None:
