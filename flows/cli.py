@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sep.add_argument("--shifts", type=int, default=1, metavar="N")
     sep.add_argument("--overlap", type=float, default=0.25, metavar="F")
     sep.add_argument("--segment", type=float, metavar="SECONDS")
+    sep.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                     help="model arithmetic (default auto: fp32 on CPU, bf16/fp16 on GPU)")
+    sep.add_argument("--batch-size", type=int, metavar="N", help="segments per model call (default: per device)")
     sep.add_argument("--max-seconds", type=float, metavar="S", help="longest accepted input (default 4 h)")
     sep.add_argument("--max-file-mb", type=float, metavar="MB", help="largest accepted file (default 4096 MiB)")
     sep.add_argument("--max-playlist-entries", type=int, metavar="N", help="tracks taken from a playlist URL (default 50)")
@@ -116,7 +119,8 @@ def _settings(args: argparse.Namespace):
         limits["max_playlist_entries"] = args.max_playlist_entries
     separation = SeparationSettings(model=args.model, model_repo=args.model_repo, device=args.device,
                                     shifts=args.shifts, overlap=args.overlap, segment=args.segment,
-                                    two_stems=args.two_stems)
+                                    two_stems=args.two_stems, precision=args.precision,
+                                    batch_size=args.batch_size)
     output = OutputSettings(out=args.out, format=args.format, bit_depth=args.bit_depth, mp3_bitrate=args.mp3_bitrate)
     return separation, output, Limits(**limits)
 

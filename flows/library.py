@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
@@ -10,7 +11,8 @@ from pydantic import Field
 
 from catalog import Catalog, default_catalog_path
 from flows.artifacts import RunProgress, publish_table
-from flows.track import TrackFailed, now, run_record, separate_track
+from flows.prefetch import prefetched
+from flows.track import TrackFailed, now, prepare_track, run_record, separate_track
 from flows.workarea import default_work_root
 from tasks.errors import SourceError
 from tasks.progress import reporter
@@ -102,12 +104,15 @@ def separate_library(sources: Sources, separation: SeparationSettings = Separati
         summary.tracks.append(_result(outcome))
         progress.track_done()
     work = work_root or default_work_root()
-    for source in expanded.tracks:
+    # The next track is fetched and decoded while this one separates (no catalog in that thread).
+    prepare = partial(prepare_track, run_id=run_id, separation=separation, output=output, limits=limits,
+                      catalog=None, work_root=work)
+    for source, prepared in prefetched(expanded.tracks, prepare):
         name = safe_name(source.rstrip("/").rsplit("/", 1)[-1])[:60]
         try:
             outcome = separate_track.with_options(flow_run_name=f"track-{name}")(
                 source, separation=separation, output=output, limits=limits, catalog=catalog_path,
-                work_root=work, run_id=run_id)
+                work_root=work, run_id=run_id, prepared=prepared)
         except TrackFailed as failed:
             outcome = failed.outcome
             logger.warning("%s failed at %s: %s", outcome.source, outcome.error_step, outcome.error)

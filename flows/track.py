@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, runtime
+from pydantic import Field
 
 from catalog import Catalog, default_catalog_path
 from catalog.rebuild import manifest_stems
@@ -19,8 +20,9 @@ from tasks import steps
 from tasks.errors import StemworksError
 from tasks.progress import reporter
 from tasks.publish import manifest_is_complete, published_manifest, track_folder
-from tasks.records import PublishedTrack, RunRecord, RunSummary, TrackOutcome
-from tasks.separate import load_model
+from tasks.records import (AudioInfo, DecodedAudio, FetchedSource, PublishedTrack, Record, RunRecord, RunSummary,
+                           TrackOutcome)
+from tasks.separate import load_model, precision_for
 from tasks.settings import Limits, OutputSettings, SeparationSettings, job_key
 from tasks.storage import normalise, redact
 from tasks.version import code_version
@@ -68,19 +70,39 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def find_existing(out: str, folder: str, key: str, catalog: Catalog) -> str | None:
+def find_existing(out: str, folder: str, key: str, catalog: Catalog | None) -> str | None:
     """A complete manifest for this job: at its own folder, or wherever the catalog saw it published."""
     found = published_manifest(out, folder, key)
-    if found is None:
+    if found is None and catalog is not None:
         recorded = catalog.published_manifest(key, normalise(out))
         if recorded is not None and manifest_is_complete(recorded, key):
             found = recorded
     return found
 
 
-def process_track(source: str, *, run_id: str, separation: SeparationSettings, output: OutputSettings,
-                  limits: Limits, catalog: Catalog, work_root: str) -> TrackOutcome:
-    """Run every step for one source; return the outcome, never raise for a bad track."""
+class PreparedTrack(Record):
+    """A track fetched, keyed, validated and decoded ahead of its turn (or its outcome, if that ended it)."""
+
+    source: str
+    work_dir: str
+    started_at: datetime
+    step_seconds: dict[str, float] = Field(default_factory=dict)
+    known: dict = Field(default_factory=dict)
+    key: str | None = None
+    folder: str | None = None
+    fetched: FetchedSource | None = None
+    info: AudioInfo | None = None
+    decoded: DecodedAudio | None = None
+    outcome: TrackOutcome | None = None
+
+
+def prepare_track(source: str, *, run_id: str, separation: SeparationSettings, output: OutputSettings,
+                  limits: Limits, catalog: Catalog | None, work_root: str) -> PreparedTrack:
+    """fetch → key → (skip?) → validate → decode. Never raises for a bad track: the outcome says why.
+
+    Run ahead in a background thread, it gets no catalog (DuckDB connections are not to be shared
+    across threads): `finish_track` then repeats the skip check with the catalog.
+    """
     label = redact(source)
     timer = StepTimer(label)
     started = now()
@@ -92,41 +114,89 @@ def process_track(source: str, *, run_id: str, separation: SeparationSettings, o
         with timer.step("fetch"):
             fetched = steps.fetch(source, str(work_dir), limits)
         known.update(content_sha256=fetched.content_sha256, origin=fetched.origin)
-        _, model_info, _ = load_model(separation)
-        key = job_key(fetched.content_sha256, model_info.signature, separation, output)
+        _, model_info, device = load_model(separation)
+        key = job_key(fetched.content_sha256, model_info.signature, separation, output,
+                      precision=precision_for(separation, device))
         known["job_key"] = key
         folder = track_folder(source, key, title=fetched.origin.get("title"))
         existing = find_existing(output.out, folder, key, catalog)
         if existing is not None:
-            track_uri = existing.rsplit("/", 1)[0]
-            # Published by a run that died before recording it: record its stems now, or the catalog never will.
-            unrecorded = not catalog.stems_recorded(existing)
-            return TrackOutcome(source=label, status="skipped", started_at=started, finished_at=now(),
-                                step_seconds=timer.seconds, published=PublishedTrack(
-                                    manifest_uri=existing, track_uri=track_uri,
-                                    stems=manifest_stems(existing) if unrecorded else []), **known)
+            shutil.rmtree(work_dir, ignore_errors=True)
+            return PreparedTrack(source=source, work_dir=str(work_dir), started_at=started,
+                                 outcome=_skipped(label, existing, timer.seconds, started, known))
         with timer.step("validate"):
             info = steps.validate(fetched, limits)
         known["info"] = info
         with timer.step("decode"):
             decoded = steps.decode(fetched, info, model_info.sample_rate, limits, str(work_dir))
         known["audio_seconds"] = decoded.seconds
+        return PreparedTrack(source=source, work_dir=str(work_dir), started_at=started, step_seconds=timer.seconds,
+                             known=known, key=key, folder=folder, fetched=fetched, info=info, decoded=decoded)
+    except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return PreparedTrack(source=source, work_dir=str(work_dir), started_at=started,
+                             outcome=_failed(label, exc, timer, started, known))
+
+
+def _skipped(label: str, manifest: str, seconds: dict[str, float], started: datetime, known: dict) -> TrackOutcome:
+    return TrackOutcome(source=label, status="skipped", started_at=started, finished_at=now(), step_seconds=seconds,
+                        published=PublishedTrack(manifest_uri=manifest, track_uri=manifest.rsplit("/", 1)[0],
+                                                 stems=[]), **known)
+
+
+def with_unrecorded_stems(outcome: TrackOutcome, catalog: Catalog) -> TrackOutcome:
+    """A skip of stems published by a run that died before recording them records them now, or nothing will."""
+    published = outcome.published
+    if outcome.status != "skipped" or published is None or catalog.stems_recorded(published.manifest_uri):
+        return outcome
+    stems = manifest_stems(published.manifest_uri)
+    return outcome.model_copy(update={"published": published.model_copy(update={"stems": stems})})
+
+
+def _failed(label: str, exc: Exception, timer: StepTimer, started: datetime, known: dict) -> TrackOutcome:
+    step = exc.step if isinstance(exc, StemworksError) else (timer.current or "unknown")
+    return TrackOutcome(source=label, status="failed", error=describe_error(exc), error_step=step,
+                        started_at=started, finished_at=now(), step_seconds=timer.seconds, **known)
+
+
+def finish_track(prepared: PreparedTrack, *, run_id: str, separation: SeparationSettings,
+                 output: OutputSettings, catalog: Catalog) -> TrackOutcome:
+    """separate → score → publish a prepared track; removes its work area whatever happens."""
+    if prepared.outcome is not None:
+        return prepared.outcome
+    label = redact(prepared.source)
+    timer = StepTimer(label)
+    timer.seconds.update(prepared.step_seconds)
+    known = dict(prepared.known)
+    try:
+        existing = find_existing(output.out, prepared.folder, prepared.key, catalog)
+        if existing is not None:  # published while this track waited its turn, or known to the catalog
+            return _skipped(label, existing, timer.seconds, prepared.started_at, known)
         with timer.step("separate"):
-            separated = steps.separate(decoded, separation, str(work_dir), label)
+            separated = steps.separate(prepared.decoded, separation, prepared.work_dir, label)
         with timer.step("score"):
-            quality = steps.score(decoded, separated)
+            quality = steps.score(prepared.decoded, separated)
         with timer.step("publish"):
-            published = steps.publish(out=output.out, folder=folder, key=key, run_id=run_id, fetched=fetched,
-                                      info=info, separated=separated, quality=quality, separation=separation,
-                                      output=output, work_dir=str(work_dir))
-        return TrackOutcome(source=label, status="succeeded", started_at=started, finished_at=now(),
+            published = steps.publish(out=output.out, folder=prepared.folder, key=prepared.key, run_id=run_id,
+                                      fetched=prepared.fetched, info=prepared.info, separated=separated,
+                                      quality=quality, separation=separation, output=output,
+                                      work_dir=prepared.work_dir)
+        return TrackOutcome(source=label, status="succeeded", started_at=prepared.started_at, finished_at=now(),
                             step_seconds=timer.seconds, quality=quality, published=published, **known)
     except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
-        step = exc.step if isinstance(exc, StemworksError) else (timer.current or "unknown")
-        return TrackOutcome(source=label, status="failed", error=describe_error(exc), error_step=step,
-                            started_at=started, finished_at=now(), step_seconds=timer.seconds, **known)
+        return _failed(label, exc, timer, prepared.started_at, known)
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(prepared.work_dir, ignore_errors=True)
+
+
+def process_track(source: str, *, run_id: str, separation: SeparationSettings, output: OutputSettings,
+                  limits: Limits, catalog: Catalog, work_root: str,
+                  prepared: PreparedTrack | None = None) -> TrackOutcome:
+    """Run every step for one source (or finish one prepared ahead); return the outcome, never raise."""
+    if prepared is None:
+        prepared = prepare_track(source, run_id=run_id, separation=separation, output=output, limits=limits,
+                                 catalog=catalog, work_root=work_root)
+    return finish_track(prepared, run_id=run_id, separation=separation, output=output, catalog=catalog)
 
 
 def flow_run_id() -> str | None:
@@ -149,10 +219,11 @@ def run_record(*, run_id: str, flow_name: str, sources: list[str], separation: S
 def separate_track(source: str, separation: SeparationSettings = SeparationSettings(),
                    output: OutputSettings = OutputSettings(), limits: Limits = Limits(),
                    catalog: str | None = None, work_root: str | None = None,
-                   run_id: str | None = None) -> TrackOutcome:
+                   run_id: str | None = None, prepared: PreparedTrack | None = None) -> TrackOutcome:
     """Separate one source into stems, publish them with a manifest, and record the outcome.
 
-    Called by `separate-library` with its run id; run alone, it records a run of its own.
+    Called by `separate-library` with its run id (and the track prepared while the previous one
+    was separating); run alone, it records a run of its own.
     """
     store = Catalog(catalog or default_catalog_path())
     standalone = run_id is None
@@ -162,8 +233,8 @@ def separate_track(source: str, separation: SeparationSettings = SeparationSetti
         store.start_run(run_record(run_id=run_id, flow_name="separate-track", sources=[source], separation=separation,
                                    output=output, limits=limits, model_signature=model_info.signature, device=device))
     outcome = process_track(source, run_id=run_id, separation=separation, output=output, limits=limits,
-                            catalog=store, work_root=work_root or default_work_root())
-    outcome = outcome.model_copy(update={"flow_run_id": flow_run_id()})
+                            catalog=store, work_root=work_root or default_work_root(), prepared=prepared)
+    outcome = with_unrecorded_stems(outcome.model_copy(update={"flow_run_id": flow_run_id()}), store)
     store.record_track(run_id, outcome)
     reporter().track_finished(outcome.source, outcome.status)
     if standalone:

@@ -15,12 +15,12 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 from fsspec import AbstractFileSystem
 
 from tasks.encode import encode, extension
 from tasks.errors import PublishError
 from tasks.faults import describe, is_transient
+from tasks.npyfile import NpyAudio
 from tasks.records import AudioInfo, FetchedSource, PublishedStem, PublishedTrack, SeparatedStems, TrackQuality
 from tasks.settings import OutputSettings, SeparationSettings
 from tasks.storage import filesystem, is_local, join, redact
@@ -96,7 +96,8 @@ def encode_stems(separated: SeparatedStems, output: OutputSettings, work_dir: Pa
     files: dict[str, Path] = {}
     for stem, npy in separated.paths.items():
         target = work_dir / f"{stem}.{extension(output)}"
-        encode(np.load(npy), separated.sample_rate, target, output)
+        with NpyAudio(npy) as samples:  # read window by window: memory does not grow with length
+            encode(samples, separated.sample_rate, target, output)
         files[stem] = target
     return files
 

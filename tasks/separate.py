@@ -14,6 +14,7 @@ from demucs.apply import BagOfModels, apply_model
 from demucs.pretrained import get_model
 from demucs.repo import ModelLoadingError
 
+from tasks.engine import EngineOptions, Precision, TrackFiles, output_names, resolve_precision, separate_files
 from tasks.errors import ConfigurationError, SeparationError
 from tasks.progress import reporter
 from tasks.records import DecodedAudio, ModelInfo, SeparatedStems
@@ -78,7 +79,10 @@ def _check_two_stems(settings: SeparationSettings, info: ModelInfo) -> None:
 
 def separate_array(mixture: np.ndarray, model: torch.nn.Module, settings: SeparationSettings, device: str,
                    *, source: str = "") -> dict[str, np.ndarray]:
-    """Separate (2, frames) float32 into {stem: (2, frames)}, normalised as the Demucs CLI does."""
+    """Separate (2, frames) float32 into {stem: (2, frames)} with Demucs's own `apply_model`.
+
+    The reference the engine (`tasks.engine`) is checked against; runs use `separate`.
+    """
     wav = torch.from_numpy(mixture)
     ref = wav.mean(0)
     mean, std = ref.mean(), ref.std() + 1e-8
@@ -119,21 +123,28 @@ def _progress_callback(source: str, settings: SeparationSettings, model: torch.n
     return report
 
 
+def precision_for(settings: SeparationSettings, device: str) -> Precision:
+    """The precision a run on `device` uses; part of the job key because it changes the output."""
+    return resolve_precision(settings.precision, device)
+
+
+def engine_options(settings: SeparationSettings, device: str) -> EngineOptions:
+    return EngineOptions(shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
+                         two_stems=settings.two_stems, precision=precision_for(settings, device),
+                         batch_size=settings.batch_size)
+
+
 def separate(decoded: DecodedAudio, settings: SeparationSettings, work_dir: str | Path,
              *, source: str = "") -> SeparatedStems:
-    """Separate the decoded mixture in the work area into one .npy per stem."""
+    """Separate the decoded mixture `.npy` into one `.npy` per stem, streaming windows through the engine."""
     model, info, device = load_model(settings)
     if decoded.sample_rate != info.sample_rate:
         raise SeparationError(f"decoded at {decoded.sample_rate} Hz but the model needs {info.sample_rate} Hz",
                               source=source)
-    mixture = np.load(decoded.path)
-    stems = separate_array(mixture, model, settings, device, source=source)
-    paths: dict[str, str] = {}
-    for name, array in stems.items():
-        if not np.isfinite(array).all():
-            raise SeparationError(f"model produced non-finite samples for stem '{name}'", source=source)
-        target = Path(work_dir) / f"stem-{name}.npy"
-        np.save(target, array.astype(np.float32, copy=False))
-        paths[name] = str(target)
-    return SeparatedStems(paths=paths, sample_rate=info.sample_rate, frames=mixture.shape[1], model=info,
+    names = output_names(info.sources, settings.two_stems)
+    paths = {name: str(Path(work_dir) / f"stem-{name}.npy") for name in names}
+    sink = reporter()
+    separate_files(model, [TrackFiles(mixture=decoded.path, stems=paths, source=source)],
+                   engine_options(settings, device), device, progress=sink.fraction)
+    return SeparatedStems(paths=paths, sample_rate=info.sample_rate, frames=decoded.frames, model=info,
                           device=device)

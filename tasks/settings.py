@@ -12,6 +12,7 @@ GiB = 1024**3
 
 Device = Literal["auto", "cpu", "cuda"]
 AudioFormat = Literal["wav", "flac", "mp3"]
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 BitDepth = Literal[16, 24, 32]
 # Offered as examples in the run form; not an enum, because a local model repository may hold any name.
 PRETRAINED_MODELS = ("htdemucs", "htdemucs_ft", "htdemucs_6s", "hdemucs_mmi", "mdx", "mdx_extra", "mdx_q",
@@ -38,7 +39,7 @@ class Limits(BaseModel):
 
 
 class SeparationSettings(BaseModel):
-    """How Demucs is run. Everything here except `device` and `model_repo` changes the output."""
+    """How Demucs is run. Everything here except `device`, `model_repo` and `batch_size` changes the output."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,6 +62,11 @@ class SeparationSettings(BaseModel):
         "gpu-slots", min_length=1, title="GPU slot limit",
         description="Prefect global concurrency limit held around the separate step on CUDA (one slot per GPU); "
                     "a missing limit is skipped with a warning; unset never throttles.")
+    precision: PrecisionChoice = Field("auto", title="Precision",
+                                       description="Model arithmetic: auto = fp32 on CPU, bf16 (fp16 where bf16 is "
+                                                   "unsupported) on GPU. Reduced precision changes the output slightly.")
+    batch_size: int | None = Field(None, ge=1, le=512, title="Batch size",
+                                   description="Segments per model call; unset: 1 on CPU, from free memory on GPU.")
 
     @field_validator("model")
     @classmethod
@@ -89,11 +95,12 @@ class OutputSettings(BaseModel):
 
 
 def job_key(content_sha256: str, model_signature: str, separation: SeparationSettings,
-            output: OutputSettings) -> str:
+            output: OutputSettings, precision: str = "fp32") -> str:
     """Identity of one piece of work: same bytes, same model weights, same output-shaping settings.
 
     File names, locations and the device do not take part, so renamed or moved files are
-    recognised and a GPU host can skip what a CPU host already published.
+    recognised and a GPU host can skip what a CPU host already published. `precision` is the
+    resolved one (`auto` depends on the device); float32 adds nothing, so float32 keys stay as they were.
     """
     shaping = {
         "content_sha256": content_sha256,
@@ -106,4 +113,6 @@ def job_key(content_sha256: str, model_signature: str, separation: SeparationSet
         "bit_depth": output.bit_depth if output.format != "mp3" else None,
         "mp3_bitrate": output.mp3_bitrate if output.format == "mp3" else None,
     }
+    if precision != "fp32":
+        shaping["precision"] = precision
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
