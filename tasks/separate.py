@@ -6,11 +6,10 @@ import functools
 import hashlib
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from demucs.apply import BagOfModels, apply_model
+from demucs.apply import BagOfModels
 from demucs.pretrained import get_model
 from demucs.repo import ModelLoadingError
 
@@ -75,52 +74,6 @@ def _check_two_stems(settings: SeparationSettings, info: ModelInfo) -> None:
     if settings.two_stems is not None and settings.two_stems not in info.sources:
         raise ConfigurationError(
             f"two_stems '{settings.two_stems}' is not a source of model '{info.name}' ({', '.join(info.sources)})")
-
-
-def separate_array(mixture: np.ndarray, model: torch.nn.Module, settings: SeparationSettings, device: str,
-                   *, source: str = "") -> dict[str, np.ndarray]:
-    """Separate (2, frames) float32 into {stem: (2, frames)} with Demucs's own `apply_model`.
-
-    The reference the engine (`tasks.engine`) is checked against; runs use `separate`.
-    """
-    wav = torch.from_numpy(mixture)
-    ref = wav.mean(0)
-    mean, std = ref.mean(), ref.std() + 1e-8
-    progress = _progress_callback(source, settings, model)
-    try:
-        with torch.inference_mode():
-            out = apply_model(model, ((wav - mean) / std)[None], shifts=settings.shifts, split=True,
-                              overlap=settings.overlap, segment=settings.segment, device=device,
-                              progress=False, callback=progress,
-                              callback_arg={"audio_length": mixture.shape[1]})
-    except RuntimeError as exc:
-        retryable = "out of memory" in str(exc).lower()
-        raise SeparationError(f"model failed: {exc}", source=source, retryable=retryable) from None
-    stems = (out[0] * std + mean).cpu().numpy()
-    return _arrange(dict(zip(model.sources, stems)), settings.two_stems)
-
-
-def _arrange(stems: dict[str, np.ndarray], two_stems: str | None) -> dict[str, np.ndarray]:
-    if two_stems is None:
-        return stems
-    rest = sum(array for name, array in stems.items() if name != two_stems)
-    return {two_stems: stems[two_stems], f"no_{two_stems}": rest}
-
-
-def _progress_callback(source: str, settings: SeparationSettings, model: torch.nn.Module):
-    members = model.models if isinstance(model, BagOfModels) else [model]
-    passes = len(members) * max(1, settings.shifts)
-    segment_frames = float(settings.segment or members[0].segment) * int(model.samplerate)
-    sink = reporter()
-
-    def report(event: dict[str, Any]) -> None:
-        if event.get("state") != "end" or not event.get("audio_length"):
-            return  # a segment finished: report how far this pass has got
-        index = event["model_idx_in_bag"] * max(1, settings.shifts) + event["shift_idx"]
-        within = min(1.0, (event["segment_offset"] + segment_frames) / event["audio_length"])
-        sink.fraction(source, min(1.0, (index + within) / passes))
-
-    return report
 
 
 def precision_for(settings: SeparationSettings, device: str) -> Precision:
