@@ -4,6 +4,7 @@ and an HTTP server with media, pages, redirects and failure modes."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import subprocess
@@ -71,12 +72,16 @@ class Relay:
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._trip: tuple[re.Pattern[bytes], bool] | None = None
+        self.tripped = threading.Event()
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def up(self) -> None:
+        if self._listener is not None:
+            return
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -97,6 +102,32 @@ class Relay:
                 sock.close()
             self._open.clear()
 
+    def down_on(self, request: bytes, *, after_reply: bool = False) -> threading.Event:
+        """Go down when a request line matches the regex `request`: before the server sees it, or right
+        after its reply has reached the client. A watcher polling the store would race a fast upload;
+        this cuts at the same request every time. Returns the event set when it went down."""
+        with self._lock:
+            self._trip = (re.compile(request, re.MULTILINE), after_reply)
+            self.tripped = threading.Event()
+            return self.tripped
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._trip = None
+
+    def _matches_trip(self, data: bytes) -> bool | None:
+        """None when data does not trip the wire; else whether to wait for the reply before going down."""
+        with self._lock:
+            if self._trip is None or not self._trip[0].search(data):
+                return None
+            after_reply = self._trip[1]
+            self._trip = None
+            return after_reply
+
+    def _go_down(self) -> None:
+        self.down()
+        self.tripped.set()
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -114,6 +145,7 @@ class Relay:
 
     def _pipe(self, client: socket.socket, upstream: socket.socket) -> None:
         pair = [client, upstream]
+        down_after_reply = False
         try:
             while True:
                 readable, _, _ = select.select(pair, [], [], 30)
@@ -123,7 +155,15 @@ class Relay:
                     data = sock.recv(1 << 16)
                     if not data:
                         return
+                    if sock is client and (after_reply := self._matches_trip(data)) is not None:
+                        if not after_reply:
+                            self._go_down()
+                            return
+                        down_after_reply = True
                     (upstream if sock is client else client).sendall(data)
+                    if down_after_reply and sock is upstream:
+                        self._go_down()
+                        return
         except (OSError, ValueError):
             return
         finally:
