@@ -11,12 +11,13 @@ from pydantic import Field
 
 from catalog import Catalog, default_catalog_path
 from flows.artifacts import RunProgress, publish_table
+from flows.finisher import Finisher
 from flows.prefetch import prefetched
-from flows.track import TrackFailed, now, prepare_track, run_record, separate_track
+from flows.track import (SeparatedTrack, now, prepare_track, publish_separated, record_outcome, run_record,
+                         separate_prepared)
 from flows.workarea import default_work_root
 from tasks.errors import SourceError
 from tasks.progress import reporter
-from tasks.publish import safe_name
 from tasks.records import Record, RunSummary, TrackOutcome
 from tasks.separate import load_model
 from tasks.settings import Limits, OutputSettings, SeparationSettings
@@ -59,6 +60,24 @@ def _unrecorded_failure(source: str, exc: Exception) -> TrackOutcome:
 def _unexpandable(source: str, reason: str, started) -> TrackOutcome:
     return TrackOutcome(source=source, status="failed", error=reason, error_step=SourceError.step,
                         started_at=started, finished_at=now())
+
+
+def _conclude(source: str, separated: SeparatedTrack | TrackOutcome, *, run_id: str,
+              separation: SeparationSettings, output: OutputSettings, catalog: Catalog,
+              progress: RunProgress) -> TrackOutcome:
+    """Publish (unless the track already ended) and record one track; never raises."""
+    logger = get_run_logger()
+    try:
+        outcome = separated if isinstance(separated, TrackOutcome) else publish_separated(
+            separated, run_id=run_id, separation=separation, output=output)
+        outcome = record_outcome(outcome, run_id=run_id, catalog=catalog)
+        if outcome.status == "failed":
+            logger.warning("%s failed at %s: %s", outcome.source, outcome.error_step, outcome.error)
+    except Exception as exc:  # noqa: BLE001 - e.g. the catalog write itself failed; keep going
+        outcome = _unrecorded_failure(redact(source), exc)
+        logger.error("%s could not be processed or recorded: %s", outcome.source, outcome.error)
+    progress.track_done()
+    return outcome
 
 
 # Validated before any work starts: a deployment run with no sources is rejected by the server.
@@ -104,23 +123,17 @@ def separate_library(sources: Sources, separation: SeparationSettings = Separati
         summary.tracks.append(_result(outcome))
         progress.track_done()
     work = work_root or default_work_root()
-    # The next track is fetched and decoded while this one separates (no catalog in that thread).
+    # Three tracks in flight: the next is fetched and decoded (no catalog in that thread), this one
+    # separates, the previous one is scored, published and recorded.
     prepare = partial(prepare_track, run_id=run_id, separation=separation, output=output, limits=limits,
                       catalog=None, work_root=work)
-    for source, prepared in prefetched(expanded.tracks, prepare):
-        name = safe_name(source.rstrip("/").rsplit("/", 1)[-1])[:60]
-        try:
-            outcome = separate_track.with_options(flow_run_name=f"track-{name}")(
-                source, separation=separation, output=output, limits=limits, catalog=catalog_path,
-                work_root=work, run_id=run_id, prepared=prepared)
-        except TrackFailed as failed:
-            outcome = failed.outcome
-            logger.warning("%s failed at %s: %s", outcome.source, outcome.error_step, outcome.error)
-        except Exception as exc:  # noqa: BLE001 - e.g. the catalog write itself failed; keep going
-            outcome = _unrecorded_failure(redact(source), exc)
-            logger.error("%s could not be processed or recorded: %s", outcome.source, outcome.error)
-        summary.tracks.append(_result(outcome))
-        progress.track_done()
+    conclude = partial(_conclude, run_id=run_id, separation=separation, output=output, catalog=store,
+                       progress=progress)
+    with Finisher[TrackOutcome]() as finisher:
+        for source, prepared in prefetched(expanded.tracks, prepare):
+            separated = separate_prepared(prepared, separation=separation, output=output, catalog=store)
+            finisher.submit(partial(conclude, source, separated))
+    summary.tracks.extend(_result(outcome) for outcome in finisher.results())
     store.finish_run(RunSummary(
         run_id=run_id, finished_at=now(), status="completed", tracks_total=len(summary.tracks),
         tracks_succeeded=summary.count("succeeded"), tracks_failed=summary.count("failed"),

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tasks.errors import StemworksError
 from tasks.progress import reporter
 from tasks.publish import manifest_is_complete, published_manifest, track_folder
 from tasks.records import (AudioInfo, DecodedAudio, FetchedSource, PublishedTrack, Record, RunRecord, RunSummary,
-                           TrackOutcome)
+                           SeparatedStems, TrackOutcome)
 from tasks.separate import load_model, precision_for
 from tasks.settings import Limits, OutputSettings, SeparationSettings, job_key
 from tasks.storage import normalise, redact
@@ -101,7 +102,7 @@ def prepare_track(source: str, *, run_id: str, separation: SeparationSettings, o
     """fetch → key → (skip?) → validate → decode. Never raises for a bad track: the outcome says why.
 
     Run ahead in a background thread, it gets no catalog (DuckDB connections are not to be shared
-    across threads): `finish_track` then repeats the skip check with the catalog.
+    across threads): `separate_prepared` then repeats the skip check with the catalog.
     """
     label = redact(source)
     timer = StepTimer(label)
@@ -159,9 +160,18 @@ def _failed(label: str, exc: Exception, timer: StepTimer, started: datetime, kno
                         started_at=started, finished_at=now(), step_seconds=timer.seconds, **known)
 
 
-def finish_track(prepared: PreparedTrack, *, run_id: str, separation: SeparationSettings,
-                 output: OutputSettings, catalog: Catalog) -> TrackOutcome:
-    """separate → score → publish a prepared track; removes its work area whatever happens."""
+@dataclass(frozen=True)
+class SeparatedTrack:
+    """A prepared track whose stems are in its work area, waiting to be scored and published."""
+
+    prepared: PreparedTrack
+    separated: SeparatedStems
+    step_seconds: dict[str, float]
+
+
+def separate_prepared(prepared: PreparedTrack, *, separation: SeparationSettings, output: OutputSettings,
+                      catalog: Catalog) -> SeparatedTrack | TrackOutcome:
+    """Skip check (with the catalog) → separate. Returns the outcome instead when the track ends here."""
     if prepared.outcome is not None:
         return prepared.outcome
     label = redact(prepared.source)
@@ -171,14 +181,30 @@ def finish_track(prepared: PreparedTrack, *, run_id: str, separation: Separation
     try:
         existing = find_existing(output.out, prepared.folder, prepared.key, catalog)
         if existing is not None:  # published while this track waited its turn, or known to the catalog
+            shutil.rmtree(prepared.work_dir, ignore_errors=True)
             return _skipped(label, existing, timer.seconds, prepared.started_at, known)
         with timer.step("separate"):
             separated = steps.separate(prepared.decoded, separation, prepared.work_dir, label)
+        return SeparatedTrack(prepared=prepared, separated=separated, step_seconds=dict(timer.seconds))
+    except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
+        shutil.rmtree(prepared.work_dir, ignore_errors=True)
+        return _failed(label, exc, timer, prepared.started_at, known)
+
+
+def publish_separated(track: SeparatedTrack, *, run_id: str, separation: SeparationSettings,
+                      output: OutputSettings) -> TrackOutcome:
+    """score → publish a separated track; removes its work area whatever happens."""
+    prepared = track.prepared
+    label = redact(prepared.source)
+    timer = StepTimer(label)
+    timer.seconds.update(track.step_seconds)
+    known = dict(prepared.known)
+    try:
         with timer.step("score"):
-            quality = steps.score(prepared.decoded, separated)
+            quality = steps.score(prepared.decoded, track.separated, label)
         with timer.step("publish"):
             published = steps.publish(out=output.out, folder=prepared.folder, key=prepared.key, run_id=run_id,
-                                      fetched=prepared.fetched, info=prepared.info, separated=separated,
+                                      fetched=prepared.fetched, info=prepared.info, separated=track.separated,
                                       quality=quality, separation=separation, output=output,
                                       work_dir=prepared.work_dir)
         return TrackOutcome(source=label, status="succeeded", started_at=prepared.started_at, finished_at=now(),
@@ -189,13 +215,28 @@ def finish_track(prepared: PreparedTrack, *, run_id: str, separation: Separation
         shutil.rmtree(prepared.work_dir, ignore_errors=True)
 
 
+def finish_track(prepared: PreparedTrack, *, run_id: str, separation: SeparationSettings,
+                 output: OutputSettings, catalog: Catalog) -> TrackOutcome:
+    """separate → score → publish a prepared track; removes its work area whatever happens."""
+    separated = separate_prepared(prepared, separation=separation, output=output, catalog=catalog)
+    if isinstance(separated, TrackOutcome):
+        return separated
+    return publish_separated(separated, run_id=run_id, separation=separation, output=output)
+
+
+def record_outcome(outcome: TrackOutcome, *, run_id: str, catalog: Catalog) -> TrackOutcome:
+    """Record a track's outcome under the current flow run, with the stems of a skip nobody recorded."""
+    outcome = with_unrecorded_stems(outcome.model_copy(update={"flow_run_id": flow_run_id()}), catalog)
+    catalog.record_track(run_id, outcome)
+    reporter().track_finished(outcome.source, outcome.status)
+    return outcome
+
+
 def process_track(source: str, *, run_id: str, separation: SeparationSettings, output: OutputSettings,
-                  limits: Limits, catalog: Catalog, work_root: str,
-                  prepared: PreparedTrack | None = None) -> TrackOutcome:
-    """Run every step for one source (or finish one prepared ahead); return the outcome, never raise."""
-    if prepared is None:
-        prepared = prepare_track(source, run_id=run_id, separation=separation, output=output, limits=limits,
-                                 catalog=catalog, work_root=work_root)
+                  limits: Limits, catalog: Catalog, work_root: str) -> TrackOutcome:
+    """Run every step for one source; return the outcome, never raise."""
+    prepared = prepare_track(source, run_id=run_id, separation=separation, output=output, limits=limits,
+                             catalog=catalog, work_root=work_root)
     return finish_track(prepared, run_id=run_id, separation=separation, output=output, catalog=catalog)
 
 
@@ -219,11 +260,12 @@ def run_record(*, run_id: str, flow_name: str, sources: list[str], separation: S
 def separate_track(source: str, separation: SeparationSettings = SeparationSettings(),
                    output: OutputSettings = OutputSettings(), limits: Limits = Limits(),
                    catalog: str | None = None, work_root: str | None = None,
-                   run_id: str | None = None, prepared: PreparedTrack | None = None) -> TrackOutcome:
+                   run_id: str | None = None) -> TrackOutcome:
     """Separate one source into stems, publish them with a manifest, and record the outcome.
 
-    Called by `separate-library` with its run id (and the track prepared while the previous one
-    was separating); run alone, it records a run of its own.
+    With `run_id`, the track is recorded under that run; without, it records a run of its own.
+    `separate-library` does not call this flow per track: it runs the same steps as task runs of its
+    own flow run, with the next track prepared and the previous one published while one separates.
     """
     store = Catalog(catalog or default_catalog_path())
     standalone = run_id is None
@@ -233,10 +275,8 @@ def separate_track(source: str, separation: SeparationSettings = SeparationSetti
         store.start_run(run_record(run_id=run_id, flow_name="separate-track", sources=[source], separation=separation,
                                    output=output, limits=limits, model_signature=model_info.signature, device=device))
     outcome = process_track(source, run_id=run_id, separation=separation, output=output, limits=limits,
-                            catalog=store, work_root=work_root or default_work_root(), prepared=prepared)
-    outcome = with_unrecorded_stems(outcome.model_copy(update={"flow_run_id": flow_run_id()}), store)
-    store.record_track(run_id, outcome)
-    reporter().track_finished(outcome.source, outcome.status)
+                            catalog=store, work_root=work_root or default_work_root())
+    outcome = record_outcome(outcome, run_id=run_id, catalog=store)
     if standalone:
         store.finish_run(RunSummary(
             run_id=run_id, finished_at=now(), status="completed" if outcome.status != "failed" else "failed",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from audiogen import CODECS, EXTENSIONS, audio_file, float_wav_with_nan, stem_file, write_audio, music
+from audiogen import CODECS, EXTENSIONS, audio_file, float_wav_with_nan, stem_file, music
 
 from tasks.decode import decode_to_array
 from tasks.encode import encode

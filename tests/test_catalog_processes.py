@@ -187,7 +187,8 @@ def test_rebuild_replaces_a_corrupted_catalog_and_keeps_it_aside(concurrent: dic
 
 def test_writer_killed_mid_run_then_rerun_completes_the_missing_tracks(tmp_path: Path, model_repo: Path,
                                                                         prefect_harness: None) -> None:
-    sources = [audio_file(tmp_path / "music", f"k{i}.wav", "wav", seconds=1.0, seed=100 + i) for i in range(6)]
+    for i in range(6):
+        audio_file(tmp_path / "music", f"k{i}.wav", "wav", seconds=1.0, seed=100 + i)
     out, path, env = tmp_path / "stems", tmp_path / "catalog.duckdb", cli_env(tmp_path)
     catalog = Catalog(path)
     victim = separate([tmp_path / "music"], out, path, model_repo, env, tmp_path / "killed.log")

@@ -4,7 +4,6 @@ prefect.yaml applied, a process worker on pool `cpu`, runs triggered by REST, CL
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import uuid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import duckdb
@@ -16,6 +17,7 @@ from flows.library import separate_library
 from tasks.decode import decode_to_array
 from tasks.errors import ConfigurationError
 from tasks.settings import Limits, OutputSettings, SeparationSettings
+from tasks.steps import track_label
 from tasks.validate import probe
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -70,7 +72,7 @@ def first_run(tmp_path_factory, model_repo, testdata):
 
 
 def test_every_valid_track_gets_four_full_length_finite_stems(first_run) -> None:
-    summary, music, out = first_run["summary"], first_run["music"], first_run["out"]
+    summary, music = first_run["summary"], first_run["music"]
     succeeded = {t.source for t in summary.tracks if t.status == "succeeded"}
     assert succeeded == {str(music / name) for name in first_run["names"]["valid"]}
     for track in summary.tracks:
@@ -137,6 +139,27 @@ def test_catalog_records_runs_tracks_and_stems(first_run) -> None:
                            "WHERE s.content_sha256 = t.content_sha256 AND s.rms_dbfs IS NOT NULL "
                            "AND s.peak_dbfs <= 20 AND s.silence_ratio BETWEEN 0 AND 1")
     assert joined == [(36,)]
+
+
+def test_library_run_shows_each_tracks_steps_by_name_in_prefect(first_run) -> None:
+    """One flow run for the library; its task runs say which step of which file they are."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    expected = {f"{step} · {track_label(name)}" for name in first_run["names"]["valid"]
+                for step in ("fetch", "validate", "decode", "separate", "quality-score", "publish")}
+
+    def names() -> set[str]:
+        runs = FlowRunFilter(id=FlowRunFilterId(any_=[first_run["summary"].flow_run_id]))
+        with get_client(sync_client=True) as client:
+            return {run.name for run in client.read_task_runs(flow_run_filter=runs, limit=200)}
+
+    deadline = time.monotonic() + 60  # task runs reach the API through events, a few seconds behind
+    while not expected <= (seen := names()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert expected <= seen, sorted(expected - seen)
+    assert {"publish · track.m4a", "separate · falcon.stem.m4a", "fetch · broken.mp3"} <= seen
+    assert "separate · broken.mp3" not in seen  # it failed at validate
 
 
 def test_identical_rerun_skips_everything_and_writes_nothing(first_run, model_repo) -> None:

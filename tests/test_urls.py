@@ -147,7 +147,7 @@ def url_run(tmp_path_factory, server, model_repo, prefect_harness):
 
 
 def test_page_and_direct_link_are_separated_with_origin_recorded(url_run, server) -> None:
-    summary, out = url_run["summary"], url_run["out"]
+    summary = url_run["summary"]
     assert [t.status for t in summary.tracks] == ["succeeded", "succeeded"], summary.tracks
     for track in summary.tracks:
         manifest = json.loads(Path(track.manifest_uri).read_text())
