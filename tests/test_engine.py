@@ -11,6 +11,7 @@ from demucs.apply import BagOfModels, apply_model
 from demucs.pretrained import get_model
 
 import tasks.engine as engine
+from tasks.attention import FusedAttention, fused_attention
 from tasks.decode import decode, decode_to_array
 from tasks.engine import EngineOptions, TrackFiles, output_names, separate_files
 from tasks.npyfile import NpyAudio
@@ -151,3 +152,32 @@ def test_reduced_precision_changes_the_job_key_and_float32_keeps_it() -> None:
     assert job_key("c" * 64, "sig", separation, output, precision="bf16") != fp32
     # batch size does not change the output, so it does not change the key
     assert job_key("c" * 64, "sig", SeparationSettings(batch_size=8), output) == fp32
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+@pytest.mark.parametrize("cross", [False, True])
+def test_fused_attention_equals_torch_multihead_attention(mask: str | None, cross: bool) -> None:
+    torch.manual_seed(0)
+    plain = torch.nn.MultiheadAttention(48, 4, batch_first=True).eval()
+    query = torch.randn(3, 37, 48)
+    key = torch.randn(3, 23, 48) if cross else query
+    masks = {None: None, "bool": torch.rand(37, key.shape[1]) > 0.7,
+             "float": torch.randn(37, key.shape[1])}
+    with torch.inference_mode():
+        expected = plain(query, key, key, attn_mask=masks[mask], need_weights=False)[0]
+        with fused_attention(plain) as switched:
+            assert switched == 1 and isinstance(plain, FusedAttention)
+            got = plain(query, key, key, attn_mask=masks[mask], need_weights=False)[0]
+    assert type(plain) is torch.nn.MultiheadAttention  # put back afterwards
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_leaves_the_model_as_it_found_it(model, song: Path, tmp_path: Path) -> None:
+    from tasks.separate import model_signature
+
+    before = model_signature(model)
+    with fused_attention(model) as switched:
+        assert switched > 0  # HTDemucs's transformer layers are covered
+    ours(model, song, tmp_path)
+    assert model_signature(model) == before
+    assert not any(isinstance(m, FusedAttention) for m in model.modules())
