@@ -285,6 +285,17 @@ class Runner:
     precision: Precision
     depth: int
     pool: ThreadPoolExecutor | None = None
+    threads: int = 1  # CPU: the process's intra-op threads, all given to a segment that runs alone
+
+    def widen(self) -> None:
+        """Run the remaining batches one at a time on every thread (the caller has collected the rest).
+
+        With fewer segments left than workers, some cores would idle while one thread finishes a
+        segment alone: a track with an odd number of segments takes a segment's time longer.
+        """
+        if self.pool is not None:
+            self.pool, self.depth = None, 1
+            torch.set_num_threads(self.threads)
 
     def launch(self, batch: list[Segment]) -> Launched:
         inputs = torch.from_numpy(np.stack([segment.read() for segment in batch]))
@@ -332,7 +343,7 @@ def open_runner(model: torch.nn.Module, device: torch.device, options: EngineOpt
     torch.set_num_threads(max(1, threads // workers))
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="segment") as pool:
-            yield Runner(subs, device, options.precision, depth=workers, pool=pool)
+            yield Runner(subs, device, options.precision, depth=workers, pool=pool, threads=threads)
     finally:
         torch.set_num_threads(threads)
 
@@ -414,8 +425,14 @@ def _run(runner: Runner, passes: list[Pass], size: int, sources: list[str], two_
         totals[id(p.track)] = totals.get(id(p.track), 0) + len(p.offsets())
     done: dict[int, int] = dict.fromkeys(totals, 0)
     inflight: deque[Launched] = deque()
+    planned = list(batches(segments(passes), size))  # segments are offsets, not audio: cheap even for hours
+    tail = len(planned) % runner.depth if runner.pool is not None else 0
     # Results are taken oldest first, so each pass's overlap-add still sees its segments in order.
-    for batch in batches(segments(passes), size):
+    for index, batch in enumerate(planned):
+        if tail and index == len(planned) - tail:
+            while inflight:
+                _finish(runner, inflight.popleft(), sources, two_stems, progress, totals, done)
+            runner.widen()
         if len(inflight) >= runner.depth:
             _finish(runner, inflight.popleft(), sources, two_stems, progress, totals, done)
         inflight.append(runner.launch(batch))
