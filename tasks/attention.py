@@ -4,8 +4,8 @@ HTDemucs's transformer calls `nn.MultiheadAttention` with `need_weights=False`. 
 kernel still materialises every attention matrix and multiplies with `bmm` (about a quarter of a
 full-size model's time per segment here); `F.scaled_dot_product_attention` computes the same
 thing with fused kernels (flash attention on CPU and CUDA), on the same weights. Measured with
-full-size HTDemucs on this project's CPU: 12% less time per segment, 134 dB signal-to-difference
-against the unfused model (benchmarks/RESULTS.md).
+full-size HTDemucs on this project's CPU: 10% less time per segment, 134 dB signal-to-difference
+against the unfused model (`python benchmarks/attention.py`, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
