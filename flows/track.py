@@ -259,30 +259,25 @@ def run_record(*, run_id: str, flow_name: str, sources: list[str], separation: S
 @flow(name="separate-track", persist_result=False)
 def separate_track(source: str, separation: SeparationSettings = SeparationSettings(),
                    output: OutputSettings = OutputSettings(), limits: Limits = Limits(),
-                   catalog: str | None = None, work_root: str | None = None,
-                   run_id: str | None = None) -> TrackOutcome:
-    """Separate one source into stems, publish them with a manifest, and record the outcome.
+                   catalog: str | None = None, work_root: str | None = None) -> TrackOutcome:
+    """Separate one source into stems, publish them with a manifest, and record a run of its own.
 
-    With `run_id`, the track is recorded under that run; without, it records a run of its own.
-    `separate-library` does not call this flow per track: it runs the same steps as task runs of its
-    own flow run, with the next track prepared and the previous one published while one separates.
+    `separate-library` does not call this flow per track (a subflow costs about a second of Prefect
+    overhead): it runs the same steps as task runs of its own flow run.
     """
     store = Catalog(catalog or default_catalog_path())
-    standalone = run_id is None
-    if standalone:
-        run_id = uuid.uuid4().hex
-        _, model_info, device = load_model(separation)
-        store.start_run(run_record(run_id=run_id, flow_name="separate-track", sources=[source], separation=separation,
-                                   output=output, limits=limits, model_signature=model_info.signature, device=device))
+    run_id = uuid.uuid4().hex
+    _, model_info, device = load_model(separation)
+    store.start_run(run_record(run_id=run_id, flow_name="separate-track", sources=[source], separation=separation,
+                               output=output, limits=limits, model_signature=model_info.signature, device=device))
     outcome = process_track(source, run_id=run_id, separation=separation, output=output, limits=limits,
                             catalog=store, work_root=work_root or default_work_root())
     outcome = record_outcome(outcome, run_id=run_id, catalog=store)
-    if standalone:
-        store.finish_run(RunSummary(
-            run_id=run_id, finished_at=now(), status="completed" if outcome.status != "failed" else "failed",
-            tracks_total=1, tracks_succeeded=int(outcome.status == "succeeded"),
-            tracks_failed=int(outcome.status == "failed"), tracks_skipped=int(outcome.status == "skipped"),
-            audio_seconds=outcome.audio_seconds or 0.0))
+    store.finish_run(RunSummary(
+        run_id=run_id, finished_at=now(), status="completed" if outcome.status != "failed" else "failed",
+        tracks_total=1, tracks_succeeded=int(outcome.status == "succeeded"),
+        tracks_failed=int(outcome.status == "failed"), tracks_skipped=int(outcome.status == "skipped"),
+        audio_seconds=outcome.audio_seconds or 0.0))
     if outcome.status == "failed":
         raise TrackFailed(outcome)
     return outcome

@@ -14,6 +14,7 @@ from audiogen import audio_file, float_wav_with_nan, stem_file
 from conftest import MODEL_NAME
 
 from flows.library import separate_library
+from flows.track import TrackFailed, separate_track
 from tasks.decode import decode_to_array
 from tasks.errors import ConfigurationError
 from tasks.settings import Limits, OutputSettings, SeparationSettings
@@ -160,6 +161,26 @@ def test_library_run_shows_each_tracks_steps_by_name_in_prefect(first_run) -> No
     assert expected <= seen, sorted(expected - seen)
     assert {"publish · track.m4a", "separate · falcon.stem.m4a", "fetch · broken.mp3"} <= seen
     assert "separate · broken.mp3" not in seen  # it failed at validate
+
+
+def test_separate_track_flow_records_a_run_of_its_own_and_fails_its_run_on_bad_input(model_repo, tmp_path) -> None:
+    good = audio_file(tmp_path / "in", "single.flac", "flac", seconds=1.5, seed=7)
+    bad = tmp_path / "in" / "broken.mp3"
+    bad.write_bytes(b"ID3 this is not really an mp3" * 50)
+    settings = dict(separation=SeparationSettings(model=MODEL_NAME, model_repo=str(model_repo), shifts=0),
+                    output=OutputSettings(out=str(tmp_path / "stems")), limits=Limits(),
+                    catalog=str(tmp_path / "c.duckdb"), work_root=str(tmp_path / "work"))
+    outcome = separate_track(str(good), **settings)
+    assert outcome.status == "succeeded" and {s.stem for s in outcome.published.stems} == STEMS
+    with pytest.raises(TrackFailed, match="broken.mp3") as failed:
+        separate_track(str(bad), **settings)
+    assert failed.value.outcome.error_step == "validate"
+    assert rows(tmp_path / "c.duckdb", "SELECT flow_name, status, tracks_total, tracks_succeeded, tracks_failed "
+                                       "FROM runs ORDER BY started_at") == [
+        ("separate-track", "completed", 1, 1, 0), ("separate-track", "failed", 1, 0, 1)]
+    assert rows(tmp_path / "c.duckdb", "SELECT count(*) FROM tracks t JOIN runs r USING (run_id) "
+                                       "WHERE t.flow_run_id = r.flow_run_id") == [(2,)]
+    assert not any((tmp_path / "work").rglob("*.npy"))  # work areas removed, failed or not
 
 
 def test_identical_rerun_skips_everything_and_writes_nothing(first_run, model_repo) -> None:
