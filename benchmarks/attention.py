@@ -1,4 +1,4 @@
-"""CPU: one full-size HTDemucs segment with Demucs's own attention and with `tasks.attention`'s fused one.
+"""CPU: one full-size HTDemucs segment with Demucs's own attention and with `tasks.engine.attention`'s fused one.
 
 Random weights, one intra-op thread (what each of the engine's CPU workers gets on 2 cores), a
 7.8 s segment of real music from ../shared/testdata/music; the two variants alternate, three
@@ -34,8 +34,8 @@ def main() -> None:
 
     from demucs.pretrained import get_model
 
-    from tasks.attention import fused_attention
-    from tasks.model_repo import write_random_htdemucs
+    from tasks.engine.attention import fused_attention
+    from tasks.engine.model_repo import write_random_htdemucs
 
     torch.set_num_threads(args.threads)
     repo = Path(tempfile.mkdtemp())

@@ -20,17 +20,17 @@ SR = 44100
 
 
 def decode_file(path: Path) -> np.ndarray:
-    from tasks.decode import decode_to_array
-    from tasks.settings import Limits
-    from tasks.validate import probe
+    from tasks.steps.decode import decode_to_array
+    from tasks.core.settings import Limits
+    from tasks.steps.validate import probe
 
     return decode_to_array(path, probe(path, Limits()), SR, Limits())
 
 
 def write_wav(samples, path: Path) -> Path:
     """16-bit wav through the project's encoder; `samples` may be any (2, n) sliceable object."""
-    from tasks.encode import encode
-    from tasks.settings import OutputSettings
+    from tasks.steps.encode import encode
+    from tasks.core.settings import OutputSettings
 
     path.parent.mkdir(parents=True, exist_ok=True)
     encode(samples, SR, path, OutputSettings(format="wav", bit_depth=16))

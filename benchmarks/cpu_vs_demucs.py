@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--tracks", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0)
     args = parser.parse_args()
-    from tasks.model_repo import write_random_htdemucs
+    from tasks.engine.model_repo import write_random_htdemucs
 
     repo = args.work / "models"
     write_random_htdemucs(repo, MODEL, "full", seed=0)

@@ -65,7 +65,7 @@ def reference(model: torch.nn.Module, mixes: list[np.ndarray], device: str) -> t
 
 def engine(model: torch.nn.Module, paths: list[Path], work: Path, device: str, precision: str,
            batch_size: int | None) -> tuple[float, list[np.ndarray]]:
-    from tasks.engine import EngineOptions, TrackFiles, separate_files
+    from tasks.engine.overlap_add import EngineOptions, TrackFiles, separate_files
 
     files = [TrackFiles(str(p), {s: str(work / f"{p.stem}-{precision}-{s}.npy") for s in model.sources}) for p in paths]
     options = EngineOptions(shifts=0, precision=precision, batch_size=batch_size)  # type: ignore[arg-type]
@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     from demucs.pretrained import get_model
 
-    from tasks.model_repo import write_random_htdemucs
+    from tasks.engine.model_repo import write_random_htdemucs
 
     work = Path(tempfile.mkdtemp(prefix="stemworks-gpu-"))
     write_random_htdemucs(work, "bench", args.size, seed=0)

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 60.0])
     parser.add_argument("--skip-demucs", action="store_true", help="measure stemworks only")
     args = parser.parse_args()
-    from tasks.model_repo import write_random_htdemucs
+    from tasks.engine.model_repo import write_random_htdemucs
 
     repo = args.work / "models"
     write_random_htdemucs(repo, MODEL, "tiny", seed=0)

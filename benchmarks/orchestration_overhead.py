@@ -55,8 +55,8 @@ def main() -> None:
 
     from flows.library import separate_library
     from flows.track import separate_track
-    from tasks.model_repo import write_random_htdemucs
-    from tasks.settings import Limits, OutputSettings, SeparationSettings
+    from tasks.engine.model_repo import write_random_htdemucs
+    from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 
     args.work.mkdir(parents=True, exist_ok=True)
     clips = cut_library(args.work / "clips", args.tracks, args.seconds)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.errors import StemworksError
+from tasks.core.errors import StemworksError
 
 
 class CatalogError(StemworksError):

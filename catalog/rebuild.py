@@ -7,7 +7,6 @@ manifests do not hold (failures, step timings, per-stem quality, Prefect flow-ru
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -15,10 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from catalog.store import Catalog
-from tasks.publish import MANIFEST, STAGING, manifest_is_complete
-from tasks.records import (AudioInfo, PublishedStem, PublishedTrack, RunRecord, RunSummary, TrackOutcome,
-                           TrackQuality)
-from tasks.storage import filesystem, join, normalise, redact
+from tasks.core.records import RunRecord, RunSummary, TrackOutcome, TrackQuality
+from tasks.io.locations import join, normalise, redact
+from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, complete_manifest, read_manifest
+from tasks.io.storage import filesystem
 
 
 @dataclass
@@ -35,51 +34,27 @@ class RebuildReport:
 def manifest_uris(out: str) -> list[str]:
     """Every track folder's manifest directly under `out` (staging folders are never complete tracks)."""
     fs, root = filesystem(out)
-    found = sorted(p for p in fs.glob(f"{root.rstrip('/')}/*/{MANIFEST}") if f"/{STAGING}/" not in p)
+    found = sorted(p for p in fs.glob(f"{root.rstrip('/')}/*/{MANIFEST_NAME}") if f"/{STAGING_DIR}/" not in p)
     # Addressed like publishing addressed them (join(out, folder, manifest.json)), so URIs match a live catalog's.
-    return [join(out, PurePosixPath(p).parent.name, MANIFEST) for p in found]
+    return [join(out, PurePosixPath(p).parent.name, MANIFEST_NAME) for p in found]
 
 
-def _read(uri: str) -> dict:
-    fs, path = filesystem(uri)
-    return json.loads(fs.cat_file(path))
-
-
-def _when(text: str) -> datetime:
-    value = datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def manifest_stems(uri: str, manifest: dict | None = None) -> list[PublishedStem]:
-    """The stems a published manifest lists, addressed like publishing addressed them."""
-    manifest = manifest if manifest is not None else _read(uri)
-    folder = uri.rsplit("/", 1)[0]
-    return [PublishedStem(stem=s["stem"], uri=join(folder, s["file"]), sha256=s["sha256"], seconds=s["seconds"],
-                          bytes=s["bytes"], format=PurePosixPath(s["file"]).suffix[1:])
-            for s in manifest["stems"]]
-
-
-def outcome_from_manifest(uri: str, manifest: dict) -> TrackOutcome:
+def outcome_from_manifest(uri: str, manifest: Manifest) -> TrackOutcome:
     """The succeeded track a manifest describes; timings, failures and per-stem quality are unknown."""
-    folder = uri.rsplit("/", 1)[0]
-    created = _when(manifest["created_at"])
-    stems = manifest_stems(uri, manifest)
     return TrackOutcome(
-        source=manifest["source"], status="succeeded", content_sha256=manifest["content_sha256"],
-        job_key=manifest["job_key"], started_at=created, finished_at=created, audio_seconds=manifest["seconds"],
-        info=AudioInfo(**manifest["source_audio"]), origin=manifest.get("origin") or {},
-        quality=TrackQuality(residual_db=manifest["residual_db"], stems=[]),
-        published=PublishedTrack(manifest_uri=uri, track_uri=folder, stems=stems))
+        source=manifest.source, status="succeeded", content_sha256=manifest.content_sha256,
+        job_key=manifest.job_key, started_at=manifest.created_at, finished_at=manifest.created_at,
+        audio_seconds=manifest.seconds, info=manifest.source_audio, origin=manifest.origin,
+        quality=TrackQuality(residual_db=manifest.residual_db, stems=[]), published=manifest.published(uri))
 
 
-def _run_record(run_id: str, out: str, manifests: list[dict]) -> RunRecord:
+def _run_record(run_id: str, out: str, manifests: list[Manifest]) -> RunRecord:
     first = manifests[0]
     return RunRecord(
-        run_id=run_id, flow_run_id=None, flow_name="rebuild",
-        started_at=min(_when(m["created_at"]) for m in manifests),
-        parameters=first["parameters"], sources=sorted({m["source"] for m in manifests}), out=redact(out),
-        model_name=first["model"]["name"], model_signature=first["model"]["signature"], device=first.get("device"),
-        code_version=first["code_version"], hostname=socket.gethostname())
+        run_id=run_id, flow_run_id=None, flow_name="rebuild", started_at=min(m.created_at for m in manifests),
+        parameters=first.parameters, sources=sorted({m.source for m in manifests}), out=redact(out),
+        model_name=first.model.name, model_signature=first.model.signature, device=first.device,
+        code_version=first.code_version, hostname=socket.gethostname())
 
 
 def _move_aside(path: Path) -> Path | None:
@@ -102,14 +77,14 @@ def rebuild(out: str, catalog_path: str | os.PathLike[str]) -> RebuildReport:
     """
     base = normalise(out)
     report = RebuildReport(catalog=Path(catalog_path), out=redact(base))
-    by_run: dict[str, list[tuple[str, dict]]] = {}
+    by_run: dict[str, list[tuple[str, Manifest]]] = {}
     for uri in manifest_uris(base):
         try:
-            manifest = _read(uri)
-            if not manifest_is_complete(uri, manifest["job_key"]):
+            manifest = read_manifest(uri)
+            if complete_manifest(uri, manifest.job_key) is None:
                 raise ValueError("a stem it lists is missing or has another size")
-            by_run.setdefault(manifest["run_id"], []).append((uri, manifest))
-        except (KeyError, TypeError, ValueError, OSError) as exc:
+            by_run.setdefault(manifest.run_id, []).append((uri, manifest))
+        except (ValueError, OSError) as exc:
             report.skipped.append((uri, f"{type(exc).__name__}: {exc}"))
     new_path = Path(f"{catalog_path}.rebuilding")
     new_path.unlink(missing_ok=True)
@@ -118,19 +93,19 @@ def rebuild(out: str, catalog_path: str | os.PathLike[str]) -> RebuildReport:
         _record_run(catalog, run_id, base, entries)
         report.runs += 1
         report.tracks += len(entries)
-        report.stems += sum(len(m["stems"]) for _, m in entries)
+        report.stems += sum(len(m.stems) for _, m in entries)
     report.moved_aside = _move_aside(Path(catalog_path))
     os.replace(new_path, catalog_path)  # a finished catalog appears in one step, never a partial one
     Path(f"{new_path}.lock").unlink(missing_ok=True)
     return report
 
 
-def _record_run(catalog: Catalog, run_id: str, out: str, entries: list[tuple[str, dict]]) -> None:
+def _record_run(catalog: Catalog, run_id: str, out: str, entries: list[tuple[str, Manifest]]) -> None:
     manifests = [m for _, m in entries]
     catalog.start_run(_run_record(run_id, out, manifests), rebuilt_from=redact(out))
     for uri, manifest in entries:
         catalog.record_track(run_id, outcome_from_manifest(uri, manifest))
     catalog.finish_run(RunSummary(
-        run_id=run_id, finished_at=max(_when(m["created_at"]) for m in manifests), status="completed",
+        run_id=run_id, finished_at=max(m.created_at for m in manifests), status="completed",
         tracks_total=len(entries), tracks_succeeded=len(entries), tracks_failed=0, tracks_skipped=0,
-        audio_seconds=sum(m["seconds"] for m in manifests)))
+        audio_seconds=sum(m.seconds for m in manifests)))

@@ -12,8 +12,9 @@ from typing import Any
 import pandas as pd
 
 from catalog.errors import CatalogValidationError
-from catalog.schema import STEPS, validate_frame
-from tasks.records import PublishedStem, RunRecord, RunSummary, StemQuality, TrackOutcome
+from catalog.schema import validate_frame
+from tasks.core.records import PublishedStem, RunRecord, RunSummary, StemQuality, TrackOutcome
+from tasks.core.vocabulary import STEPS, Step
 
 
 def utc(value: datetime, where: str) -> pd.Timestamp:
@@ -74,11 +75,7 @@ def finished_run_frame(current: pd.DataFrame, summary: RunSummary) -> pd.DataFra
     return validate_frame("runs", pd.DataFrame([row]))
 
 
-def _step_columns(step_seconds: dict[str, float]) -> dict[str, float | None]:
-    # An unknown step would be dropped silently by a fixed set of columns; refuse it instead.
-    unknown = sorted(set(step_seconds) - set(STEPS))
-    if unknown:
-        raise CatalogValidationError(f"tracks.step_seconds: unknown steps {unknown}; known: {list(STEPS)}")
+def _step_columns(step_seconds: dict[Step, float]) -> dict[str, float | None]:
     return {f"{step}_s": step_seconds.get(step) for step in STEPS}
 
 

@@ -18,6 +18,7 @@ from pandera.errors import SchemaErrors
 from pandera.typing import Series
 
 from catalog.errors import CatalogValidationError
+from tasks.core.vocabulary import RUN_STATUSES, STAGES, STEPS, TRACK_STATUSES
 
 # Bump when the layout of a table or a view changes, and add the statements that upgrade the previous
 # version to MIGRATIONS (an empty tuple when only views changed: views are recreated after every upgrade).
@@ -31,10 +32,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ('ALTER TABLE "runs" ADD COLUMN "rebuilt_from" VARCHAR',),
 }
 
-RUN_STATUSES = ("running", "completed", "failed")
-TRACK_STATUSES = ("succeeded", "failed", "skipped")
-# TrackOutcome.step_seconds keys; each becomes a `<step>_s` column of `tracks`.
-STEPS = ("fetch", "validate", "decode", "separate", "score", "publish")
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 TRACK_ID_PATTERN = r"^[0-9a-f]{32}$"  # uuid4().hex
@@ -132,9 +129,10 @@ class TracksModel(_Table):
     job_key: Series[str] = pa.Field(nullable=True)
     status: Series[str] = pa.Field(isin=TRACK_STATUSES)
     error: Series[str] = pa.Field(nullable=True)
-    error_step: Series[str] = pa.Field(nullable=True)
+    error_step: Series[str] = pa.Field(nullable=True, isin=STAGES)
     started_at: Series[UtcTimestamp]
     finished_at: Series[UtcTimestamp]
+    # One `<step>_s` column per pipeline step, in `tasks.core.vocabulary.STEPS` order (a test holds them equal).
     fetch_s: Series[float] = pa.Field(nullable=True, ge=0)
     validate_s: Series[float] = pa.Field(nullable=True, ge=0)
     decode_s: Series[float] = pa.Field(nullable=True, ge=0)

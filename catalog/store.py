@@ -45,7 +45,7 @@ from catalog import rows
 from catalog.errors import CatalogBusyError, CatalogError
 from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_statements
 from catalog.views import VIEWS, create_view_statements
-from tasks.records import RunRecord, RunSummary, TrackOutcome
+from tasks.core.records import RunRecord, RunSummary, TrackOutcome
 
 
 # DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
@@ -110,7 +110,7 @@ class Catalog:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def published_manifest(self, job_key: str, out_prefix: str) -> str | None:
+    def recorded_manifest_uri(self, job_key: str, out_prefix: str) -> str | None:
         """Most recent manifest_uri of a succeeded track with `job_key` published under `out_prefix`.
 
         The prefix is matched as a folder: '/data/out' matches '/data/out/x.json' but not

@@ -7,7 +7,7 @@ whenever a file is upgraded, never on a plain open, so opening a current file ne
 
 from __future__ import annotations
 
-from catalog.schema import STEPS
+from tasks.core.vocabulary import STEPS
 
 # Each published stem file back to where it came from and what made it.
 LINEAGE = """

@@ -23,7 +23,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
-from tasks.settings import SeparationSettings
+from tasks.core.settings import SeparationSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORK_POOLS = ("cpu", "gpu")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-if TYPE_CHECKING:
-    from flows.library import LibrarySummary
+from flows.pipeline.runs import LibrarySummary
 
 TABLE_KEY = "separate-library-tracks"
 
@@ -34,7 +32,7 @@ def track_rows(summary: LibrarySummary) -> list[dict[str, str]]:
 
 
 def publish_table(summary: LibrarySummary) -> UUID:
-    succeeded, skipped, failed = (summary.count(s) for s in ("succeeded", "skipped", "failed"))
+    succeeded, skipped, failed = summary.count("succeeded"), summary.count("skipped"), summary.count("failed")
     return create_table_artifact(
         table=track_rows(summary), key=TABLE_KEY,
         description=f"Run {summary.run_id}: {succeeded} separated, {skipped} skipped (unchanged), {failed} failed; "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model_repo import write_random_htdemucs
+from tasks.engine.model_repo import write_random_htdemucs
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 MODEL_NAME = "tiny"

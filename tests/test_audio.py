@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from audiogen import CODECS, EXTENSIONS, audio_file, float_wav_with_nan, stem_file, music
 
-from tasks.decode import decode_to_array
-from tasks.encode import encode
-from tasks.errors import DecodeError, ValidationError
-from tasks.settings import Limits, OutputSettings
-from tasks.validate import probe
+from tasks.steps.decode import decode_to_array
+from tasks.steps.encode import encode
+from tasks.core.errors import DecodeError, InvalidAudioError
+from tasks.core.settings import Limits, OutputSettings
+from tasks.steps.validate import probe
 
 SR = 44100
 # Lossy codecs add encoder delay/padding; a decoded length within one codec frame is faithful.
@@ -63,7 +63,7 @@ def test_real_musdb_stem_files(testdata: Path) -> None:
 def test_garbage_is_rejected_with_a_reason(tmp_path: Path, content: bytes, reason: str) -> None:
     path = tmp_path / "broken.wav"
     path.write_bytes(content)
-    with pytest.raises(ValidationError, match=reason) as caught:
+    with pytest.raises(InvalidAudioError, match=reason) as caught:
         probe(path, Limits())
     assert "broken.wav" in str(caught.value) and not caught.value.retryable
 
@@ -72,7 +72,7 @@ def test_truncated_flac_is_rejected(tmp_path: Path) -> None:
     good = audio_file(tmp_path, "good.flac", "flac", seconds=1.0)
     cut = tmp_path / "cut.flac"
     cut.write_bytes(good.read_bytes()[:60])
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidAudioError):
         probe(cut, Limits())
 
 
@@ -85,7 +85,7 @@ def test_image_is_rejected(tmp_path: Path) -> None:
         frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             container.mux(packet)
-    with pytest.raises(ValidationError, match="no audio stream|not supported|not readable"):
+    with pytest.raises(InvalidAudioError, match="no audio stream|not supported|not readable"):
         probe(path, Limits())
 
 
@@ -97,7 +97,7 @@ def test_image_is_rejected(tmp_path: Path) -> None:
 ])
 def test_limits(tmp_path: Path, limits: Limits, reason: str) -> None:
     path = audio_file(tmp_path, "long.wav", "wav", seconds=2.0)
-    with pytest.raises(ValidationError, match=reason):
+    with pytest.raises(InvalidAudioError, match=reason):
         probe(path, limits)
 
 
@@ -114,7 +114,7 @@ def test_header_claiming_hours_decodes_only_the_samples_present(tmp_path: Path) 
 def test_decoded_length_is_checked_whatever_the_header_said(tmp_path: Path) -> None:
     path = audio_file(tmp_path, "long.wav", "wav", seconds=4.0)
     understated = probe(path, Limits()).model_copy(update={"seconds": 1.0})
-    with pytest.raises(ValidationError, match="past the limit"):
+    with pytest.raises(InvalidAudioError, match="past the limit"):
         decode_to_array(path, understated, SR, Limits(max_seconds=2.0))
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from catalog import Catalog, CatalogError, CatalogValidationError, default_catalog_path
 from catalog.schema import SCHEMA_VERSION, STEPS, TABLES, column_types, create_table_statements
-from tasks.records import (AudioInfo, PublishedStem, PublishedTrack, RunRecord, RunSummary, StemQuality,
+from tasks.core.records import (AudioInfo, PublishedStem, PublishedTrack, RunRecord, RunSummary, StemQuality,
                            TrackOutcome, TrackQuality)
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -268,7 +268,6 @@ BAD_OUTCOMES = {
                               r"tracks\.content_sha256: failed str_matches"),
     "negative step seconds": (lambda: make_succeeded("a", step_seconds={"fetch": -1.0}),
                               r"tracks\.fetch_s: failed greater_than_or_equal_to\(0\)"),
-    "unknown step": (lambda: make_succeeded("a", step_seconds={"upload": 1.0}), "unknown steps \\['upload'\\]"),
     "unknown status": (lambda: make_skipped().model_copy(update={"status": "done"}),
                        r"tracks\.status: failed isin"),
     "finished before started": (lambda: make_succeeded("a", finished_at=T0 - timedelta(seconds=1)),
@@ -302,12 +301,20 @@ def test_bad_track_raises_and_writes_nothing(one_good_track: Catalog, make_outco
     assert raised.value.step == "catalog" and raised.value.source == outcome.source
 
 
+def test_an_unknown_step_cannot_even_be_recorded_in_an_outcome() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="fetch.*validate.*decode.*separate.*score.*publish"):
+        make_succeeded("a", step_seconds={"upload": 1.0})
+
+
 def test_validation_error_is_a_stemworks_error() -> None:
-    from tasks.errors import StemworksError, is_retryable
+    from tasks.core.errors import StemworksError
+    from tasks.io.faults import is_transient
 
     error = CatalogValidationError("tracks.x: failed")
     assert isinstance(error, StemworksError) and isinstance(error, CatalogError)
-    assert error.step == "catalog" and not is_retryable(error)
+    assert error.step == "catalog" and not is_transient(error)
 
 
 # -- the file ------------------------------------------------------------------------------------------
@@ -377,7 +384,7 @@ def test_keys_are_declared() -> None:
 # -- skip detection --------------------------------------------------------------------------------
 
 
-def test_published_manifest_finds_latest_succeeded_under_prefix(started: Catalog) -> None:
+def test_recorded_manifest_uri_finds_latest_succeeded_under_prefix(started: Catalog) -> None:
     later = T0 + timedelta(hours=1)
     started.record_track("run-1", make_succeeded("old-name", job_key="job-x"))
     started.record_track("run-1", make_succeeded("new-name", job_key="job-x", start=later))
@@ -386,18 +393,18 @@ def test_published_manifest_finds_latest_succeeded_under_prefix(started: Catalog
     failed = make_failed("ignored").model_copy(update={"job_key": "job-y"})
     started.record_track("run-1", failed)
 
-    assert started.published_manifest("job-x", OUT) == f"{OUT}/new-name/manifest.json"
-    assert started.published_manifest("job-x", OUT + "/") == f"{OUT}/new-name/manifest.json"
-    assert started.published_manifest("job-x", "/data/out-old") == "/data/out-old/elsewhere/manifest.json"
-    assert started.published_manifest("job-x", "/data/o") is None  # a folder prefix, not a string prefix
-    assert started.published_manifest("job-x", "/elsewhere") is None
-    assert started.published_manifest("job-y", OUT) is None  # failed tracks never count
-    assert started.published_manifest("job-z", OUT) is None
+    assert started.recorded_manifest_uri("job-x", OUT) == f"{OUT}/new-name/manifest.json"
+    assert started.recorded_manifest_uri("job-x", OUT + "/") == f"{OUT}/new-name/manifest.json"
+    assert started.recorded_manifest_uri("job-x", "/data/out-old") == "/data/out-old/elsewhere/manifest.json"
+    assert started.recorded_manifest_uri("job-x", "/data/o") is None  # a folder prefix, not a string prefix
+    assert started.recorded_manifest_uri("job-x", "/elsewhere") is None
+    assert started.recorded_manifest_uri("job-y", OUT) is None  # failed tracks never count
+    assert started.recorded_manifest_uri("job-z", OUT) is None
 
 
-def test_published_manifest_prefix_is_literal(started: Catalog) -> None:
+def test_recorded_manifest_uri_prefix_is_literal(started: Catalog) -> None:
     started.record_track("run-1", make_succeeded("a", job_key="job-x", out="/data/my_out"))
 
-    assert started.published_manifest("job-x", "/data/my_out") == "/data/my_out/a/manifest.json"
-    assert started.published_manifest("job-x", "/data/my%") is None
-    assert started.published_manifest("job-x", "/data/myXout") is None
+    assert started.recorded_manifest_uri("job-x", "/data/my_out") == "/data/my_out/a/manifest.json"
+    assert started.recorded_manifest_uri("job-x", "/data/my%") is None
+    assert started.recorded_manifest_uri("job-x", "/data/myXout") is None

@@ -18,8 +18,8 @@ from catalog import Catalog, CatalogError
 from catalog.errors import CatalogBusyError
 from catalog.schema import SCHEMA_VERSION, TABLES
 from catalog.views import VIEWS
-from tasks.errors import is_retryable
-from tasks.records import RunSummary
+from tasks.io.faults import is_transient
+from tasks.core.records import RunSummary
 
 V1_DDL = Path(__file__).parent / "data" / "catalog_v1.sql"
 
@@ -211,5 +211,5 @@ def test_writer_gives_up_after_its_timeout_with_a_retryable_error_and_writes_not
             impatient.record_track("run-1", make_succeeded("a"))
     finally:
         holder.wait()
-    assert is_retryable(raised.value) and raised.value.step == "catalog"
+    assert is_transient(raised.value) and raised.value.step == "catalog"
     assert Catalog(path).counts()["tracks"] == 0

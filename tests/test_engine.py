@@ -10,15 +10,15 @@ import torch
 from demucs.apply import BagOfModels, apply_model
 from demucs.pretrained import get_model
 
-import tasks.engine as engine
-from tasks.attention import FusedAttention, fused_attention
-from tasks.decode import decode, decode_to_array
-from tasks.engine import EngineOptions, TrackFiles, output_names, separate_files
-from tasks.npyfile import NpyAudio
-from tasks.records import ModelInfo, SeparatedStems
-from tasks.score import score, score_arrays
-from tasks.settings import Limits, OutputSettings, SeparationSettings, job_key
-from tasks.validate import probe
+import tasks.engine.overlap_add as engine
+from tasks.engine.attention import FusedAttention, fused_attention
+from tasks.steps.decode import decode, decode_to_array
+from tasks.engine.overlap_add import EngineOptions, TrackFiles, output_names, separate_files
+from tasks.io.npyfile import NpyAudio
+from tasks.core.records import ModelInfo, SeparatedStems
+from tasks.steps.score import score, score_arrays
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings, job_key
+from tasks.steps.validate import probe
 
 from conftest import MODEL_NAME
 
@@ -173,7 +173,7 @@ def test_fused_attention_equals_torch_multihead_attention(mask: str | None, cros
 
 
 def test_engine_leaves_the_model_as_it_found_it(model, song: Path, tmp_path: Path) -> None:
-    from tasks.separate import model_signature
+    from tasks.engine.models import model_signature
 
     before = model_signature(model)
     with fused_attention(model) as switched:

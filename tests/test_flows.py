@@ -15,11 +15,12 @@ from conftest import MODEL_NAME
 
 from flows.library import separate_library
 from flows.track import TrackFailed, separate_track
-from tasks.decode import decode_to_array
-from tasks.errors import ConfigurationError
-from tasks.settings import Limits, OutputSettings, SeparationSettings
-from tasks.steps import track_label
-from tasks.validate import probe
+from tasks.steps.decode import decode_to_array
+from tasks.core.errors import ConfigurationError
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+from tasks.core.vocabulary import STEPS
+from tasks.prefect_tasks import track_label
+from tasks.steps.validate import probe
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 STEMS = {"drums", "bass", "other", "vocals"}
@@ -148,7 +149,7 @@ def test_library_run_shows_each_tracks_steps_by_name_in_prefect(first_run) -> No
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     expected = {f"{step} · {track_label(name)}" for name in first_run["names"]["valid"]
-                for step in ("fetch", "validate", "decode", "separate", "quality-score", "publish")}
+                for step in STEPS}  # task names are the vocabulary's step names
 
     def names() -> set[str]:
         runs = FlowRunFilter(id=FlowRunFilterId(any_=[first_run["summary"].flow_run_id]))

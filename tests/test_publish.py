@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from audiogen import music
+from manifests import KEY, manifest_for
 
-from tasks.publish import (MANIFEST, manifest_is_complete, publish, published_manifest, safe_name, track_folder)
-from tasks.storage import expand_sources, redact
+from tasks.io.locations import redact
+from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, complete_manifest, manifest_uri
+from tasks.io.sources import expand_sources
+from tasks.steps.publish import publish, safe_name, track_folder
 
-KEY = "ab" * 32
 
 
 def stem_files(tmp_path: Path, names=("drums", "bass")) -> dict[str, Path]:
@@ -25,27 +26,31 @@ def stem_files(tmp_path: Path, names=("drums", "bass")) -> dict[str, Path]:
     return files
 
 
-def manifest_for(files: dict[str, Path], key: str = KEY) -> dict:
-    return {"job_key": key, "source": "/music/x.wav",
-            "stems": [{"stem": s, "file": p.name, "sha256": "0" * 64, "bytes": p.stat().st_size, "seconds": 0.1}
-                      for s, p in files.items()]}
+def published_manifest(out: str, folder: str, key: str) -> str | None:
+    uri = manifest_uri(out, folder)
+    return uri if complete_manifest(uri, key) is not None else None
+
+
+def manifest_is_complete(uri: str, key: str) -> bool:
+    return complete_manifest(uri, key) is not None
 
 
 def test_publish_makes_folder_appear_complete(tmp_path: Path) -> None:
     files = stem_files(tmp_path)
     result = publish(out=str(tmp_path / "out"), folder="x-abababababab", manifest=manifest_for(files), files=files)
     folder = tmp_path / "out" / "x-abababababab"
-    assert sorted(p.name for p in folder.iterdir()) == ["bass.wav", "drums.wav", MANIFEST]
-    assert result.manifest_uri == str(folder / MANIFEST)
-    assert published_manifest(str(tmp_path / "out"), "x-abababababab", KEY) == str(folder / MANIFEST)
-    assert not list((tmp_path / "out" / ".stemworks-staging").iterdir())
+    assert sorted(p.name for p in folder.iterdir()) == ["bass.wav", "drums.wav", MANIFEST_NAME]
+    assert result.manifest_uri == str(folder / MANIFEST_NAME)
+    assert published_manifest(str(tmp_path / "out"), "x-abababababab", KEY) == str(folder / MANIFEST_NAME)
+    assert not list((tmp_path / "out" / STAGING_DIR).iterdir())
 
 
 def test_crash_while_publishing_leaves_no_visible_folder(tmp_path: Path) -> None:
     files = stem_files(tmp_path)
     files["vocals"] = tmp_path / "work" / "vocals.wav"  # never written: copying it fails mid-publish
-    manifest = manifest_for({k: v for k, v in files.items() if v.exists()})
-    manifest["stems"].append({"stem": "vocals", "file": "vocals.wav", "sha256": "0" * 64, "bytes": 1, "seconds": 0.1})
+    manifest = manifest_for({k: v for k, v in files.items() if v.exists()},
+                            extra_stems=({"stem": "vocals", "file": "vocals.wav", "sha256": "0" * 64, "bytes": 1,
+                                          "seconds": 0.1},))
     with pytest.raises(Exception):
         publish(out=str(tmp_path / "out"), folder="x-abababababab", manifest=manifest, files=files)
     assert not (tmp_path / "out" / "x-abababababab").exists()
@@ -59,7 +64,7 @@ def test_incomplete_earlier_folder_is_replaced_whole(tmp_path: Path) -> None:
     files = stem_files(tmp_path)
     publish(out=str(tmp_path / "out"), folder="x-abababababab", manifest=manifest_for(files), files=files)
     assert (stale / "drums.wav").read_bytes() == files["drums"].read_bytes()
-    assert manifest_is_complete(str(stale / MANIFEST), KEY)
+    assert manifest_is_complete(str(stale / MANIFEST_NAME), KEY)
 
 
 @pytest.mark.parametrize("damage", ["delete_stem", "truncate_stem", "other_key", "garbage_manifest"])
@@ -72,10 +77,10 @@ def test_damaged_publication_is_not_trusted(tmp_path: Path, damage: str) -> None
     elif damage == "truncate_stem":
         (folder / "bass.wav").write_bytes(b"x")
     elif damage == "other_key":
-        (folder / MANIFEST).write_text(json.dumps(manifest_for(files, key="cd" * 32)))
+        (folder / MANIFEST_NAME).write_bytes(manifest_for(files, key="cd" * 32).to_bytes())
     else:
-        (folder / MANIFEST).write_text("{not json")
-    assert not manifest_is_complete(str(folder / MANIFEST), KEY)
+        (folder / MANIFEST_NAME).write_text("{not json")
+    assert not manifest_is_complete(str(folder / MANIFEST_NAME), KEY)
 
 
 @pytest.mark.parametrize("raw,expected", [

@@ -15,14 +15,16 @@ import boto3
 import duckdb
 import pytest
 from audiogen import audio_file
+from manifests import manifest_for
 from conftest import MODEL_NAME
 from servers import MotoServer, Relay, in_thread, s3_env
 
 from flows.library import separate_library
-from tasks import steps
-from tasks.errors import PublishError
-from tasks.publish import MANIFEST, publish
-from tasks.settings import Limits, OutputSettings, SeparationSettings
+from tasks import prefect_tasks as steps
+from tasks.core.errors import PublishError
+from tasks.io.manifest import MANIFEST_NAME as MANIFEST
+from tasks.steps.publish import publish
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-K7MDENG-stemworks-SECRET"
@@ -153,7 +155,7 @@ def test_failed_publish_aborts_multipart_uploads_and_leaves_no_manifest(store, t
     good = tmp_path / "drums.wav"
     good.write_bytes(b"RIFF" + bytes(1000))
     files = {"drums": good, "bass": tmp_path / "bass.wav"}  # bass.wav is missing: the upload fails midway
-    manifest = {"source": "x", "stems": [{"stem": s, "file": p.name, "bytes": 1004} for s, p in files.items()]}
+    manifest = manifest_for(files, size_of=1004)
     with pytest.raises(PublishError, match="failed"):
         publish(out=f"s3://{OUT}/aborts", folder="track-0123456789ab", manifest=manifest, files=files)
     assert client.list_multipart_uploads(Bucket=OUT, Prefix=f"{folder}/").get("Uploads", []) == []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prefect.client.orchestration import get_client
 
-from tasks.settings import SeparationSettings
-from tasks.slots import gpu_slot
+from tasks.core.settings import SeparationSettings
+from tasks.prefect_tasks import gpu_slot
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

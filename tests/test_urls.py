@@ -15,11 +15,11 @@ from conftest import MODEL_NAME
 from servers import MediaServer, Route, self_signed_certificate
 
 from flows.library import separate_library
-from tasks import steps
-from tasks.netsafety import NetworkPolicy, UnsafeURLError, check_scheme
-from tasks.settings import Limits, OutputSettings, SeparationSettings
-from tasks.storage import expand_sources
-from tasks.urls import _check_before_download
+from tasks import prefect_tasks as steps
+from tasks.io.web.policy import NetworkPolicy, UnsafeURLError, check_scheme
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+from tasks.io.sources import expand_sources
+from tasks.io.web.urls import _check_before_download
 
 ROOT = Path(__file__).resolve().parents[1]
 STEMS = {"drums", "bass", "other", "vocals"}

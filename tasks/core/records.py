@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-TrackStatus = Literal["succeeded", "failed", "skipped"]
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+from tasks.core.vocabulary import FinishedRunStatus, Stage, Step, TrackStatus
 
 
 class Record(BaseModel):
@@ -96,10 +97,10 @@ class TrackOutcome(Record):
     content_sha256: str | None = None
     job_key: str | None = None
     error: str | None = None
-    error_step: str | None = None
+    error_step: Stage | None = None
     started_at: AwareDatetime
     finished_at: AwareDatetime
-    step_seconds: dict[str, float] = Field(default_factory=dict)
+    step_seconds: dict[Step, float] = Field(default_factory=dict)
     audio_seconds: float | None = None
     info: AudioInfo | None = None
     origin: dict[str, str | None] = Field(default_factory=dict)
@@ -115,7 +116,7 @@ class RunRecord(Record):
     flow_run_id: str | None = None
     flow_name: str
     started_at: AwareDatetime
-    parameters: dict = Field(description="Flow parameters as JSON-able data (no secrets).")
+    parameters: dict[str, Any] = Field(description="Flow parameters as JSON-able data (no secrets).")
     sources: list[str]
     out: str
     model_name: str
@@ -128,9 +129,31 @@ class RunRecord(Record):
 class RunSummary(Record):
     run_id: str
     finished_at: AwareDatetime
-    status: Literal["completed", "failed"]
+    status: FinishedRunStatus
     tracks_total: int
     tracks_succeeded: int
     tracks_failed: int
     tracks_skipped: int
     audio_seconds: float
+
+
+class RunContext(Record):
+    """What every track of one run shares: the run's id and settings, and where scratch files go."""
+
+    run_id: str
+    separation: SeparationSettings
+    output: OutputSettings
+    limits: Limits
+    work_root: str
+
+
+class TrackWork(Record):
+    """A track fetched, keyed, validated and decoded: what separate, score and publish work from."""
+
+    source: str = Field(description="The source as shown and recorded (credentials removed).")
+    work_dir: str = Field(description="The track's own scratch folder; removed when the track ends.")
+    job_key: str
+    folder: str = Field(description="The track's folder name under the output location.")
+    fetched: FetchedSource
+    info: AudioInfo
+    decoded: DecodedAudio

@@ -15,7 +15,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.cli.options import Renamed, add_settings_options, settings_from, settings_message
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+
 EXIT_OK, EXIT_TRACK_FAILED, EXIT_USAGE = 0, 1, 2
+# Settings fields a command-line run does not offer (the GPU slot limit is a deployment concern).
+CLI_SKIPS = frozenset({"gpu_slot_limit"})
+RENAMED = {"max_file_bytes": Renamed(flag="--max-file-mb", metavar="MB", scale=1024 * 1024, unit=" MiB")}
+METAVARS = {"out": "URL", "model": "NAME", "model_repo": "DIR", "two_stems": "STEM", "segment": "SECONDS",
+            "overlap": "F", "mp3_bitrate": "KBPS", "max_seconds": "S", "min_seconds": "S", "min_sample_rate": "HZ",
+            "max_sample_rate": "HZ"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,26 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sep = commands.add_parser("separate", help="separate files, folders, globs or URLs into stems")
-    sep.add_argument("sources", nargs="+", metavar="SOURCE")
-    sep.add_argument("--out", default="./separated", help="output folder or fsspec URL (default ./separated)")
-    sep.add_argument("--model", default="htdemucs", help="Demucs model name (default htdemucs)")
-    sep.add_argument("--model-repo", metavar="DIR", help="local Demucs model repository, for offline use")
-    sep.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    sep.add_argument("--format", choices=["wav", "flac", "mp3"], default="wav")
-    sep.add_argument("--bit-depth", type=int, choices=[16, 24, 32], default=16)
-    sep.add_argument("--mp3-bitrate", type=int, default=320, metavar="KBPS")
-    sep.add_argument("--two-stems", metavar="STEM", help="keep STEM and its complement no_STEM")
-    sep.add_argument("--shifts", type=int, default=1, metavar="N")
-    sep.add_argument("--overlap", type=float, default=0.25, metavar="F")
-    sep.add_argument("--segment", type=float, metavar="SECONDS")
-    sep.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                     help="model arithmetic (default auto: fp32 on CPU, bf16/fp16 on GPU)")
-    sep.add_argument("--batch-size", type=int, metavar="N", help="segments per model call (default: per device)")
-    sep.add_argument("--max-seconds", type=float, metavar="S", help="longest accepted input (default 4 h)")
-    sep.add_argument("--max-file-mb", type=float, metavar="MB", help="largest accepted file (default 4096 MiB)")
-    sep.add_argument("--max-playlist-entries", type=int, metavar="N", help="tracks taken from a playlist URL (default 50)")
+    sep.add_argument("sources", nargs="+", metavar="SOURCE",
+                     help="audio files, folders (scanned recursively), globs, s3:// prefixes or http(s) URLs")
+    add_settings_options(sep, OutputSettings, metavars=METAVARS)
+    add_settings_options(sep, SeparationSettings, skip=CLI_SKIPS, metavars=METAVARS)
+    add_settings_options(sep, Limits, renamed=RENAMED, metavars=METAVARS)
     sep.add_argument("--catalog", metavar="PATH", help="DuckDB catalog file (default $STEMWORKS_CATALOG or ./stemworks.duckdb)")
-    sep.add_argument("--work-dir", metavar="DIR", help="scratch space for intermediate audio")
+    sep.add_argument("--work-dir", metavar="DIR", help="scratch space for intermediate audio "
+                                                      "(default $STEMWORKS_WORK_DIR or the system temp folder)")
     sep.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs on the console")
 
     cat = commands.add_parser("catalog", help="query the catalog")
@@ -70,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class RichReporter:
-    """Overall bar plus one bar per track in flight; fed by tasks through `tasks.progress`."""
+    """Overall bar plus one bar per track in flight; fed by tasks through `tasks.core.progress`."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -107,22 +104,9 @@ def _short(source: str, width: int = 40) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def _settings(args: argparse.Namespace):
-    from tasks.settings import Limits, OutputSettings, SeparationSettings
-
-    limits: dict = {}
-    if args.max_seconds is not None:
-        limits["max_seconds"] = args.max_seconds
-    if args.max_file_mb is not None:
-        limits["max_file_bytes"] = int(args.max_file_mb * 1024 * 1024)
-    if args.max_playlist_entries is not None:
-        limits["max_playlist_entries"] = args.max_playlist_entries
-    separation = SeparationSettings(model=args.model, model_repo=args.model_repo, device=args.device,
-                                    shifts=args.shifts, overlap=args.overlap, segment=args.segment,
-                                    two_stems=args.two_stems, precision=args.precision,
-                                    batch_size=args.batch_size)
-    output = OutputSettings(out=args.out, format=args.format, bit_depth=args.bit_depth, mp3_bitrate=args.mp3_bitrate)
-    return separation, output, Limits(**limits)
+def _settings(args: argparse.Namespace) -> tuple[SeparationSettings, OutputSettings, Limits]:
+    return (settings_from(args, SeparationSettings), settings_from(args, OutputSettings),
+            settings_from(args, Limits, renamed=RENAMED))
 
 
 def run_separate(args: argparse.Namespace, console: Console) -> int:
@@ -133,11 +117,11 @@ def run_separate(args: argparse.Namespace, console: Console) -> int:
     try:
         separation, output, limits = _settings(args)
     except SettingsError as exc:
-        console.print(f"[red]stemworks: invalid settings:[/red] {_settings_message(exc)}")
+        console.print(f"[red]stemworks: invalid settings:[/red] {settings_message(exc, RENAMED)}")
         return EXIT_USAGE
     from flows.library import separate_library
-    from tasks.errors import ConfigurationError
-    from tasks.progress import reporting_to
+    from tasks.core.errors import ConfigurationError
+    from tasks.core.progress import reporting_to
 
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     try:
@@ -150,10 +134,6 @@ def run_separate(args: argparse.Namespace, console: Console) -> int:
         return EXIT_USAGE
     print_summary(summary, console)
     return EXIT_TRACK_FAILED if summary.count("failed") else EXIT_OK
-
-
-def _settings_message(exc: SettingsError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors())
 
 
 def print_summary(summary, console: Console) -> None:
@@ -239,7 +219,7 @@ def run_query(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_model_random(args: argparse.Namespace, console: Console) -> int:
-    from tasks.model_repo import write_random_htdemucs
+    from tasks.engine.model_repo import write_random_htdemucs
 
     path = write_random_htdemucs(args.repo, args.name, args.size, args.seed)
     console.print(f"wrote {path} (load with --model {args.name} --model-repo {args.repo})")

@@ -1,4 +1,4 @@
-"""Run Demucs on a decoded mixture. The model is loaded once per process and kept on its device."""
+"""Demucs models: resolve the device, load a model once per process, and sign its weights."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from demucs.apply import BagOfModels
 from demucs.pretrained import get_model
 from demucs.repo import ModelLoadingError
 
-from tasks.engine import EngineOptions, Precision, TrackFiles, output_names, resolve_precision, separate_files
-from tasks.errors import ConfigurationError, SeparationError
-from tasks.progress import reporter
-from tasks.records import DecodedAudio, ModelInfo, SeparatedStems
-from tasks.settings import SeparationSettings
+from tasks.core.errors import ConfigurationError
+from tasks.core.records import ModelInfo
+from tasks.core.settings import SeparationSettings
+from tasks.engine.overlap_add import EngineOptions, Precision, resolve_precision
 
 
 def resolve_device(requested: str) -> str:
@@ -85,19 +84,3 @@ def engine_options(settings: SeparationSettings, device: str) -> EngineOptions:
     return EngineOptions(shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
                          two_stems=settings.two_stems, precision=precision_for(settings, device),
                          batch_size=settings.batch_size)
-
-
-def separate(decoded: DecodedAudio, settings: SeparationSettings, work_dir: str | Path,
-             *, source: str = "") -> SeparatedStems:
-    """Separate the decoded mixture `.npy` into one `.npy` per stem, streaming windows through the engine."""
-    model, info, device = load_model(settings)
-    if decoded.sample_rate != info.sample_rate:
-        raise SeparationError(f"decoded at {decoded.sample_rate} Hz but the model needs {info.sample_rate} Hz",
-                              source=source)
-    names = output_names(info.sources, settings.two_stems)
-    paths = {name: str(Path(work_dir) / f"stem-{name}.npy") for name in names}
-    sink = reporter()
-    separate_files(model, [TrackFiles(mixture=decoded.path, stems=paths, source=source)],
-                   engine_options(settings, device), device, progress=sink.fraction)
-    return SeparatedStems(paths=paths, sample_rate=info.sample_rate, frames=decoded.frames, model=info,
-                          device=device)

@@ -8,10 +8,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-from tasks.errors import DecodeError, ValidationError
-from tasks.npyfile import NpyAppender
-from tasks.records import AudioInfo, DecodedAudio
-from tasks.settings import Limits
+from tasks.core.errors import DecodeError, InvalidAudioError
+from tasks.io.npyfile import NpyAppender
+from tasks.core.records import AudioInfo, DecodedAudio
+from tasks.core.settings import Limits
 
 
 def decode_blocks(path: str | Path, info: AudioInfo, sample_rate: int, limits: Limits,
@@ -32,7 +32,7 @@ def decode_blocks(path: str | Path, info: AudioInfo, sample_rate: int, limits: L
                     samples = out.to_ndarray()
                     total = _check(samples, total, max_frames, limits, label)
                     yield samples
-    except (ValidationError, DecodeError):
+    except (InvalidAudioError, DecodeError):
         raise
     except (av.FFmpegError, ValueError) as exc:
         raise DecodeError(f"decoding failed after {total / sample_rate:.1f} s ({exc})", source=label) from None
@@ -60,7 +60,7 @@ def _check(samples: np.ndarray, total: int, max_frames: int, limits: Limits, lab
         raise DecodeError(f"audio contains NaN or infinite samples near {total} frames", source=label)
     total += samples.shape[1]
     if total > max_frames:
-        raise ValidationError(f"decoded audio runs past the limit of {limits.max_seconds:.0f} s", source=label)
+        raise InvalidAudioError(f"decoded audio runs past the limit of {limits.max_seconds:.0f} s", source=label)
     return total
 
 

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tasks.errors import FetchError
-from tasks.storage import redact
+from tasks.core.errors import FetchError
+from tasks.io.locations import redact
 
 ALLOW_PRIVATE_ENV = "STEMWORKS_ALLOW_PRIVATE_URLS"
 ALLOWED_NETWORKS_ENV = "STEMWORKS_ALLOWED_NETWORKS"

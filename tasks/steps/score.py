@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.npyfile import NpyAudio
-from tasks.records import SeparatedStems, StemQuality, TrackQuality
+from tasks.io.npyfile import NpyAudio
+from tasks.core.records import SeparatedStems, StemQuality, TrackQuality
 
 FLOOR_DB = -150.0  # reported for digital silence instead of -inf, so numbers stay finite in SQL
 SILENCE_DBFS = -60.0

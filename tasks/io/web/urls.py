@@ -7,7 +7,6 @@ during it (bytes counted while streaming: a lying or missing Content-Length cann
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import re
 import socket
@@ -17,20 +16,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
-from tasks.egress import EgressProxy
-from tasks.errors import FetchError, ValidationError
-from tasks.netsafety import NetworkPolicy, UnsafeURLError, check_scheme
-from tasks.records import FetchedSource
-from tasks.settings import Limits
-from tasks.storage import is_audio_name, redact
+from tasks.core.errors import FetchError, InvalidAudioError
+from tasks.core.records import FetchedSource
+from tasks.core.settings import Limits
+from tasks.io.faults import is_transient_http_status
+from tasks.io.hashcopy import copy_hashed
+from tasks.io.locations import is_audio_name, redact
+from tasks.io.web.egress import EgressProxy
+from tasks.io.web.policy import NetworkPolicy, UnsafeURLError, check_scheme
 
-CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 30.0
 MAX_REDIRECTS = 10
 # The best audio-only stream that is one plain HTTP(S) download (not HLS/DASH fragments, and never video).
 AUDIO_FORMAT = "bestaudio[protocol=https]/bestaudio[protocol=http]"
 _NOT_MEDIA_TYPES = re.compile(r"^(text/|image/|application/(json|xml|xhtml|javascript|pdf|zip))", re.I)
-_TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 _LIVE = {"is_live", "is_upcoming", "post_live"}
 
 
@@ -79,7 +78,7 @@ def _ytdlp_error(url: str, exc: Exception, proxy: EgressProxy) -> FetchError:
         return FetchError("no audio-only stream downloadable over HTTP(S) at this URL", source=label,
                           retryable=False)
     status = re.search(r"HTTP Error (\d{3})", message)
-    transient = (int(status.group(1)) in _TRANSIENT_HTTP) if status else bool(
+    transient = is_transient_http_status(int(status.group(1))) if status else bool(
         re.search(r"(?i)timed out|connection|reset|temporar|unreachable", message))
     return FetchError(message, source=label, retryable=transient)
 
@@ -107,16 +106,16 @@ def expand_url(url: str, max_entries: int, policy: NetworkPolicy) -> list[str]:
 
 def _check_before_download(info: dict[str, Any], limits: Limits, label: str) -> None:
     if info.get("is_live") or info.get("live_status") in _LIVE:
-        raise ValidationError("live streams are not supported", source=label)
+        raise InvalidAudioError("live streams are not supported", source=label)
     if info.get("vcodec") not in (None, "none") and info.get("acodec") in (None, "none"):
-        raise ValidationError("the selected stream has no audio", source=label)
+        raise InvalidAudioError("the selected stream has no audio", source=label)
     duration = info.get("duration")
     if isinstance(duration, (int, float)) and duration > limits.max_seconds:
-        raise ValidationError(f"duration {duration:.0f} s is over the limit of {limits.max_seconds:.0f} s",
+        raise InvalidAudioError(f"duration {duration:.0f} s is over the limit of {limits.max_seconds:.0f} s",
                               source=label)
     size = info.get("filesize") or info.get("filesize_approx")
     if isinstance(size, (int, float)) and size > limits.max_file_bytes:
-        raise ValidationError(f"reported size {int(size)} bytes is over the limit of {limits.max_file_bytes} bytes",
+        raise InvalidAudioError(f"reported size {int(size)} bytes is over the limit of {limits.max_file_bytes} bytes",
                               source=label)
 
 
@@ -162,24 +161,16 @@ def _opener(proxy: EgressProxy) -> urllib.request.OpenerDirector:
 def _download(media_url: str, headers: dict[str, str], target: Path, limits: Limits,
               proxy: EgressProxy, label: str) -> tuple[str, int]:
     request = urllib.request.Request(media_url, headers={"User-Agent": "stemworks", **headers})
-    digest, size = hashlib.sha256(), 0
     with _opener(proxy).open(request, timeout=TIMEOUT_SECONDS) as response:
         content_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
         if _NOT_MEDIA_TYPES.match(content_type):
-            raise ValidationError(f"not audio: the server sent {content_type}", source=label)
+            raise InvalidAudioError(f"not audio: the server sent {content_type}", source=label)
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limits.max_file_bytes:
-            raise ValidationError(f"file is over the limit of {limits.max_file_bytes} bytes "
-                                  f"(server reports {declared} bytes); not downloaded", source=label)
-        with open(target, "wb") as writer:
-            while chunk := response.read(CHUNK_BYTES):
-                size += len(chunk)
-                if size > limits.max_file_bytes:
-                    raise ValidationError(f"file is over the limit of {limits.max_file_bytes} bytes; "
-                                          f"download aborted", source=label)
-                digest.update(chunk)
-                writer.write(chunk)
-    return digest.hexdigest(), size
+            raise InvalidAudioError(f"file is over the limit of {limits.max_file_bytes} bytes "
+                                    f"(server reports {declared} bytes); not downloaded", source=label)
+        return copy_hashed(response, target, limits.max_file_bytes, lambda: InvalidAudioError(
+            f"file is over the limit of {limits.max_file_bytes} bytes; download aborted", source=label))
 
 
 def _download_error(exc: Exception, proxy: EgressProxy, label: str) -> FetchError:
@@ -188,7 +179,7 @@ def _download_error(exc: Exception, proxy: EgressProxy, label: str) -> FetchErro
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code == 502 and proxy.failures:
             return FetchError(proxy.failures[-1], source=label, retryable=True)
-        return FetchError(f"HTTP {exc.code} {exc.reason}", source=label, retryable=exc.code in _TRANSIENT_HTTP)
+        return FetchError(f"HTTP {exc.code} {exc.reason}", source=label, retryable=is_transient_http_status(exc.code))
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     return FetchError(f"transient error while downloading: {reason}", source=label, retryable=True)
 
@@ -215,11 +206,9 @@ def fetch_url(url: str, work_dir: str | Path, limits: Limits, policy: NetworkPol
         try:
             sha, size = _download(media_url, dict((info or {}).get("http_headers") or {}), target, limits,
                                   proxy, label)
-        except (ValidationError, UnsafeURLError):
-            target.unlink(missing_ok=True)
+        except (InvalidAudioError, UnsafeURLError):
             raise
         except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as exc:
-            target.unlink(missing_ok=True)
-            raise _download_error(exc, proxy, label) from None
+            raise _download_error(exc, proxy, label) from None  # copy_hashed removed the partial file
     return FetchedSource(source=label, local_path=str(target), content_sha256=sha, size_bytes=size,
                          origin=_origin(url, info))

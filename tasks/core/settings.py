@@ -1,4 +1,8 @@
-"""Run settings: one typed definition shared by the CLI, the flows and the deployments' UI forms."""
+"""Run settings: one typed definition shared by the CLI, the flows and the deployments' UI forms.
+
+The CLI's options are generated from these fields (`flows/cli/options.py`): names, choices, defaults
+and help texts are written here only.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +34,10 @@ class Limits(BaseModel):
                                description="Longer sources fail; enforced on the decoded samples too, not only the header.")
     min_seconds: float = Field(0.1, ge=0, title="Min duration (s)",
                                description="Shorter sources fail as empty.")
-    min_sample_rate: int = Field(8000, gt=0, title="Min sample rate (Hz)")
-    max_sample_rate: int = Field(384000, gt=0, title="Max sample rate (Hz)")
+    min_sample_rate: int = Field(8000, gt=0, title="Min sample rate (Hz)",
+                                 description="Sources at a lower sample rate fail; others are resampled to the model's.")
+    max_sample_rate: int = Field(384000, gt=0, title="Max sample rate (Hz)",
+                                 description="Sources at a higher sample rate fail.")
     max_channels: int = Field(8, ge=1, title="Max channels",
                               description="Sources with more channels fail; others are down- or up-mixed to stereo.")
     max_playlist_entries: int = Field(50, ge=1, le=10000, title="Max playlist entries",

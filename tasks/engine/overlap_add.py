@@ -30,9 +30,9 @@ import torch
 from demucs.apply import BagOfModels
 from demucs.htdemucs import HTDemucs
 
-from tasks.attention import fused_attention
-from tasks.errors import SeparationError
-from tasks.npyfile import NpyAudio, NpyOutput
+from tasks.engine.attention import fused_attention
+from tasks.core.errors import SeparationError
+from tasks.io.npyfile import NpyAudio, NpyOutput
 
 Precision = Literal["fp32", "bf16", "fp16"]
 ProgressFn = Callable[[str, float], None]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import av
 
-from tasks.errors import ValidationError
-from tasks.records import AudioInfo
-from tasks.settings import Limits
+from tasks.core.errors import InvalidAudioError
+from tasks.core.records import AudioInfo
+from tasks.core.settings import Limits
 
 # PyAV/FFmpeg demuxer names we accept; the mp4 family covers .m4a and NI .stem.mp4.
 ALLOWED_CONTAINERS = frozenset({"wav", "flac", "mp3", "ogg", "mov,mp4,m4a,3gp,3g2,mj2", "aac", "aiff"})
@@ -23,23 +23,23 @@ NI_STEM_STREAMS = 5  # mixture, drums, bass, other, vocals
 
 
 def probe(path: str | Path, limits: Limits, *, source: str | None = None) -> AudioInfo:
-    """Read headers and the first audio frame; raise ValidationError naming the reason."""
+    """Read headers and the first audio frame; raise InvalidAudioError naming the reason."""
     path = Path(path)
     label = source or str(path)
     size = os.path.getsize(path)
     if size == 0:
-        raise ValidationError("file is empty", source=label)
+        raise InvalidAudioError("file is empty", source=label)
     if size > limits.max_file_bytes:
-        raise ValidationError(f"file is {size} bytes, over the limit of {limits.max_file_bytes}", source=label)
+        raise InvalidAudioError(f"file is {size} bytes, over the limit of {limits.max_file_bytes}", source=label)
     try:
         with av.open(str(path), metadata_errors="ignore") as container:
             info = _describe(container, path)
             _decode_first_frame(container, info.stream_index)
-    except ValidationError as exc:
+    except InvalidAudioError as exc:
         exc.source = label
         raise
     except (av.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as exc:
-        raise ValidationError(f"not readable as audio ({_ffmpeg_reason(exc)})", source=label) from None
+        raise InvalidAudioError(f"not readable as audio ({_ffmpeg_reason(exc)})", source=label) from None
     check_limits(info, limits, source=label)
     return info
 
@@ -47,14 +47,14 @@ def probe(path: str | Path, limits: Limits, *, source: str | None = None) -> Aud
 def _describe(container: av.container.InputContainer, path: Path) -> AudioInfo:
     fmt = container.format.name
     if fmt not in ALLOWED_CONTAINERS:
-        raise ValidationError(f"container '{fmt}' is not supported")
+        raise InvalidAudioError(f"container '{fmt}' is not supported")
     audio = container.streams.audio
     if not audio:
-        raise ValidationError(f"container '{fmt}' has no audio stream")
+        raise InvalidAudioError(f"container '{fmt}' has no audio stream")
     stream = audio[0]  # NI stems keep the mixture first; other files have one audio stream
     codec = stream.codec_context.name
     if codec not in ALLOWED_CODECS:
-        raise ValidationError(f"audio codec '{codec}' is not supported")
+        raise InvalidAudioError(f"audio codec '{codec}' is not supported")
     return AudioInfo(
         container=fmt,
         codec=codec,
@@ -80,21 +80,21 @@ def _decode_first_frame(container: av.container.InputContainer, stream_index: in
     for frame in container.decode(stream):
         if frame.samples > 0:
             return
-    raise ValidationError("audio stream holds no decodable samples")
+    raise InvalidAudioError("audio stream holds no decodable samples")
 
 
 def check_limits(info: AudioInfo, limits: Limits, *, source: str) -> None:
     if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
-        raise ValidationError(
+        raise InvalidAudioError(
             f"sample rate {info.sample_rate} Hz is outside {limits.min_sample_rate}-{limits.max_sample_rate} Hz",
             source=source)
     if not 1 <= info.channels <= limits.max_channels:
-        raise ValidationError(f"{info.channels} channels is outside 1-{limits.max_channels}", source=source)
+        raise InvalidAudioError(f"{info.channels} channels is outside 1-{limits.max_channels}", source=source)
     if info.seconds > limits.max_seconds:
-        raise ValidationError(f"duration {info.seconds:.1f} s is over the limit of {limits.max_seconds:.0f} s",
+        raise InvalidAudioError(f"duration {info.seconds:.1f} s is over the limit of {limits.max_seconds:.0f} s",
                               source=source)
     if 0 < info.seconds < limits.min_seconds:
-        raise ValidationError(f"duration {info.seconds:.3f} s is under the minimum of {limits.min_seconds} s",
+        raise InvalidAudioError(f"duration {info.seconds:.3f} s is under the minimum of {limits.min_seconds} s",
                               source=source)
 
 

@@ -1,4 +1,4 @@
-"""fsspec helpers: one way to address local folders and remote stores, and to expand sources."""
+"""Expand what a user names (files, folders, globs, store prefixes, playlist pages) into tracks."""
 
 from __future__ import annotations
 
@@ -6,68 +6,14 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import fsspec
-from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
+from tasks.io.faults import describe
+from tasks.io.locations import has_scheme, is_audio_name, normalise, redact
+from tasks.io.storage import filesystem, is_local
+from tasks.io.web.policy import NetworkPolicy
+from tasks.io.web.urls import expand_url
 
-AUDIO_EXTENSIONS = frozenset({
-    ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".aif", ".aiff",
-})
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-def has_scheme(location: str) -> bool:
-    return bool(_SCHEME.match(location))
-
-
-def normalise(location: str) -> str:
-    """Absolute local paths; URLs unchanged. `file://` URLs become plain paths."""
-    if location.startswith("file://"):
-        location = location[len("file://"):]
-    if has_scheme(location):
-        return location.rstrip("/") if location.count("/") > 3 else location
-    return str(Path(location).expanduser().resolve())
-
-
-# Object stores are shared with other writers (and other runs): never answer from a stale listing.
-_UNCACHED_LISTINGS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
-
-
-def filesystem(location: str) -> tuple[AbstractFileSystem, str]:
-    location = normalise(location)
-    scheme = location.split("://", 1)[0].lower() if has_scheme(location) else "file"
-    options = {"use_listings_cache": False} if scheme in _UNCACHED_LISTINGS else {}
-    fs, path = fsspec.core.url_to_fs(location, **options)
-    return fs, path
-
-
-def is_local(fs: AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def join(base: str, *parts: str) -> str:
-    base = normalise(base)
-    if has_scheme(base):
-        return "/".join([base.rstrip("/"), *parts])
-    return str(Path(base, *parts))
-
-
-def redact(location: str) -> str:
-    """Drop credentials (user:password@) and query strings that may carry signatures."""
-    if not has_scheme(location):
-        return location
-    parts = urlsplit(location)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "" if re.search(r"(?i)(signature|token|key|secret|credential)", parts.query) else parts.query
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def is_audio_name(name: str) -> bool:
-    return Path(name).suffix.lower() in AUDIO_EXTENSIONS
 
 
 @dataclass
@@ -87,8 +33,6 @@ def expand_sources(sources: list[str], max_playlist_entries: int = 50) -> Expand
         try:
             found = _expand_one(source, max_playlist_entries)
         except Exception as exc:  # noqa: BLE001 - store clients raise their own types; report, go on
-            from tasks.faults import describe
-
             expanded.problems.append((redact(source), f"cannot list source: {describe(exc)}"))
             continue
         if not found:
@@ -102,8 +46,8 @@ def expand_sources(sources: list[str], max_playlist_entries: int = 50) -> Expand
 
 def _expand_one(source: str, max_playlist_entries: int) -> list[str]:
     if source.lower().startswith(("http://", "https://")):
-        from tasks.netsafety import NetworkPolicy
-        from tasks.urls import expand_url  # imported here: tasks.urls builds on this module
+        from tasks.io.web.policy import NetworkPolicy
+        from tasks.io.web.urls import expand_url  # imported here: tasks.io.web.urls builds on this module
 
         return expand_url(source, max_playlist_entries, NetworkPolicy.from_env())
     if not has_scheme(source) and not source.startswith("file://"):

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import urlsplit
 
-from tasks.errors import FetchError
-from tasks.netsafety import NetworkPolicy, UnsafeURLError
+from tasks.core.errors import FetchError
+from tasks.io.web.policy import NetworkPolicy, UnsafeURLError
 
 RELAY_IDLE_SECONDS = 60.0
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",

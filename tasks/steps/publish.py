@@ -1,4 +1,4 @@
-"""Encode stems and publish a track's folder atomically: stems first, `manifest.json` last.
+"""Step `publish`: encode stems and publish a track's folder atomically: stems first, `manifest.json` last.
 
 Readers trust only what a manifest lists. On local disk the whole folder appears at once
 (a directory rename); on object stores each object is written whole and the manifest goes last.
@@ -7,7 +7,6 @@ Readers trust only what a manifest lists. On local disk the whole folder appears
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import unicodedata
@@ -17,18 +16,17 @@ from pathlib import Path, PurePosixPath
 
 from fsspec import AbstractFileSystem
 
-from tasks.encode import encode, extension
-from tasks.errors import PublishError
-from tasks.faults import describe, is_transient
-from tasks.npyfile import NpyAudio
-from tasks.records import AudioInfo, FetchedSource, PublishedStem, PublishedTrack, SeparatedStems, TrackQuality
-from tasks.settings import OutputSettings, SeparationSettings
-from tasks.storage import filesystem, is_local, join, redact
-from tasks.version import code_version
+from tasks.core.errors import PublishError
+from tasks.core.records import AudioInfo, FetchedSource, PublishedTrack, SeparatedStems, TrackQuality
+from tasks.core.settings import OutputSettings, SeparationSettings
+from tasks.core.version import code_version
+from tasks.io.faults import describe, is_transient
+from tasks.io.locations import join, redact
+from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, ManifestModel, ManifestStem, manifest_uri
+from tasks.io.npyfile import NpyAudio
+from tasks.io.storage import filesystem, is_local
+from tasks.steps.encode import encode, extension
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-STAGING = ".stemworks-staging"
 NAME_LIMIT = 80
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _UNSAFE = re.compile(r"[^\w .()&+,'!\-–—]+")
@@ -71,31 +69,10 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def published_manifest(out: str, folder: str, key: str) -> str | None:
-    """URI of a complete manifest for `key` at out/folder, or None."""
-    uri = join(out, folder, MANIFEST)
-    return uri if manifest_is_complete(uri, key) else None
-
-
-def manifest_is_complete(manifest_uri: str, key: str) -> bool:
-    """True when the manifest is for `key` and every stem it lists exists with its listed size."""
-    fs, path = filesystem(manifest_uri)
-    try:
-        manifest = json.loads(fs.cat_file(path))
-        folder = str(PurePosixPath(path).parent)
-        return manifest.get("job_key") == key and all(
-            fs.size(f"{folder}/{stem['file']}") == stem["bytes"] for stem in manifest["stems"])
-    except (FileNotFoundError, KeyError, TypeError, ValueError):
-        return False
-    except Exception as exc:  # noqa: BLE001 - e.g. the store is down: say so instead of redoing the work
-        raise PublishError(f"cannot check {redact(manifest_uri)} for an earlier result: {describe(exc)}",
-                           retryable=is_transient(exc)) from None
-
-
-def encode_stems(separated: SeparatedStems, output: OutputSettings, work_dir: Path) -> dict[str, Path]:
+def encode_stems(separated: SeparatedStems, output: OutputSettings, work_dir: str | Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for stem, npy in separated.paths.items():
-        target = work_dir / f"{stem}.{extension(output)}"
+        target = Path(work_dir) / f"{stem}.{extension(output)}"
         with NpyAudio(npy) as samples:  # read window by window: memory does not grow with length
             encode(samples, separated.sample_rate, target, output)
         files[stem] = target
@@ -104,31 +81,22 @@ def encode_stems(separated: SeparatedStems, output: OutputSettings, work_dir: Pa
 
 def build_manifest(*, key: str, run_id: str, fetched: FetchedSource, info: AudioInfo, separated: SeparatedStems,
                    quality: TrackQuality, separation: SeparationSettings, output: OutputSettings,
-                   files: dict[str, Path]) -> dict:
+                   files: dict[str, Path]) -> Manifest:
     seconds = separated.frames / separated.sample_rate
-    return {
-        "manifest_version": MANIFEST_VERSION,
-        "job_key": key,
-        "run_id": run_id,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "source": fetched.source,
-        "origin": fetched.origin,
-        "content_sha256": fetched.content_sha256,
-        "source_audio": info.model_dump(),
-        "model": {"name": separated.model.name, "signature": separated.model.signature},
-        "device": separated.device,
-        "parameters": {"separation": separation.model_dump(exclude={"model_repo", "device"}),
-                       "output": output.model_dump(exclude={"out"})},
-        "sample_rate": separated.sample_rate,
-        "seconds": seconds,
-        "residual_db": quality.residual_db,
-        "stems": [{"stem": stem, "file": path.name, "sha256": _file_sha256(path), "bytes": path.stat().st_size,
-                   "seconds": seconds} for stem, path in files.items()],
-        "code_version": code_version(),
-    }
+    return Manifest(
+        job_key=key, run_id=run_id, created_at=datetime.now(timezone.utc), source=fetched.source,
+        origin=fetched.origin, content_sha256=fetched.content_sha256, source_audio=info,
+        model=ManifestModel(name=separated.model.name, signature=separated.model.signature),
+        device=separated.device,
+        parameters={"separation": separation.model_dump(exclude={"model_repo", "device"}),
+                    "output": output.model_dump(exclude={"out"})},
+        sample_rate=separated.sample_rate, seconds=seconds, residual_db=quality.residual_db,
+        stems=[ManifestStem(stem=stem, file=path.name, sha256=_file_sha256(path), bytes=path.stat().st_size,
+                            seconds=seconds) for stem, path in files.items()],
+        code_version=code_version())
 
 
-def publish(*, out: str, folder: str, manifest: dict, files: dict[str, Path]) -> PublishedTrack:
+def publish(*, out: str, folder: str, manifest: Manifest, files: dict[str, Path]) -> PublishedTrack:
     fs, root = filesystem(out)
     try:
         if is_local(fs):
@@ -137,27 +105,20 @@ def publish(*, out: str, folder: str, manifest: dict, files: dict[str, Path]) ->
             _publish_remote(fs, f"{root}/{folder}", manifest, files)
     except Exception as exc:  # noqa: BLE001 - store clients raise their own types; classify them all
         raise PublishError(f"writing to {redact(join(out, folder))} failed: {describe(exc)}",
-                           source=manifest["source"], retryable=is_transient(exc)) from None
-    stems = [PublishedStem(stem=s["stem"], uri=join(out, folder, s["file"]), sha256=s["sha256"],
-                           seconds=s["seconds"], bytes=s["bytes"], format=Path(s["file"]).suffix[1:])
-             for s in manifest["stems"]]
-    return PublishedTrack(manifest_uri=join(out, folder, MANIFEST), track_uri=join(out, folder), stems=stems)
+                           source=manifest.source, retryable=is_transient(exc)) from None
+    return manifest.published(manifest_uri(out, folder))
 
 
-def _manifest_bytes(manifest: dict) -> bytes:
-    return json.dumps(manifest, indent=2, sort_keys=True).encode()
-
-
-def _publish_local(root: Path, folder: str, manifest: dict, files: dict[str, Path]) -> None:
-    staging = root / STAGING / uuid.uuid4().hex
+def _publish_local(root: Path, folder: str, manifest: Manifest, files: dict[str, Path]) -> None:
+    staging = root / STAGING_DIR / uuid.uuid4().hex
     staging.mkdir(parents=True)
     try:
         for path in files.values():
             shutil.copyfile(path, staging / path.name)
-        (staging / MANIFEST).write_bytes(_manifest_bytes(manifest))
+        (staging / MANIFEST_NAME).write_bytes(manifest.to_bytes())
         final = root / folder
         if final.exists():  # an incomplete earlier attempt: set it aside, then swap in the new folder
-            stale = root / STAGING / f"{uuid.uuid4().hex}-stale"
+            stale = root / STAGING_DIR / f"{uuid.uuid4().hex}-stale"
             final.rename(stale)
             staging.rename(final)
             shutil.rmtree(stale, ignore_errors=True)
@@ -167,8 +128,8 @@ def _publish_local(root: Path, folder: str, manifest: dict, files: dict[str, Pat
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish_remote(fs: AbstractFileSystem, folder: str, manifest: dict, files: dict[str, Path]) -> None:
-    manifest_path = f"{folder}/{MANIFEST}"
+def _publish_remote(fs: AbstractFileSystem, folder: str, manifest: Manifest, files: dict[str, Path]) -> None:
+    manifest_path = f"{folder}/{MANIFEST_NAME}"
     abort_incomplete_uploads(fs, folder)  # left by an attempt that died mid-upload
     if fs.exists(manifest_path):  # stale manifest must not vouch for objects we are about to replace
         fs.rm_file(manifest_path)
@@ -177,7 +138,7 @@ def _publish_remote(fs: AbstractFileSystem, folder: str, manifest: dict, files: 
         for path in files.values():
             fs.put_file(str(path), f"{folder}/{path.name}")
             written.append(f"{folder}/{path.name}")
-        fs.pipe_file(manifest_path, _manifest_bytes(manifest))
+        fs.pipe_file(manifest_path, manifest.to_bytes())
     except BaseException:
         _withdraw(fs, manifest_path, written)
         abort_incomplete_uploads(fs, folder, quiet=True)

@@ -1,16 +1,23 @@
-"""Which object-store failures are transient (worth retrying) and how to describe them safely.
+"""The one rule for "is this failure transient?", and how to describe a failure safely.
 
-s3fs surfaces botocore and aiohttp errors that are not `OSError`s, so the generic rule in
-`tasks.errors.is_retryable` would treat an S3 outage as permanent; this module classifies them.
+Steps wrap every exception they meet into a typed `StemworksError` whose `retryable` flag comes from
+`is_transient`; Prefect's retry condition asks `is_transient` too. s3fs surfaces botocore and aiohttp
+errors that are not `OSError`s, and URL fetches meet HTTP statuses: both are classified here too.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-_PERMANENT_OS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-_TRANSIENT_S3_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
-                       "503", "500", "502", "504"}
+from tasks.core.errors import StemworksError
+
+# Retrying cannot make these succeed: the path is wrong, or we may not read it.
+PERMANENT_OS_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
+                                                  NotADirectoryError, FileExistsError)
+# HTTP answers that mean "try again later" (timeouts, throttling, server trouble).
+TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                                 "RequestTimeTooSkewed", *(str(status) for status in TRANSIENT_HTTP_STATUSES)})
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -41,7 +48,9 @@ def _s3_error_code(exc: BaseException) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Timeouts, dropped connections and 5xx/throttling answers: a later attempt may succeed."""
-    if isinstance(exc, _PERMANENT_OS):
+    if isinstance(exc, StemworksError):
+        return exc.retryable
+    if isinstance(exc, PERMANENT_OS_ERRORS):
         return False
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
         return True
@@ -54,6 +63,10 @@ def is_transient(exc: BaseException) -> bool:
     if cause is not None and cause is not exc and is_transient(cause):
         return True
     return isinstance(exc, OSError)
+
+
+def is_transient_http_status(status: int) -> bool:
+    return status in TRANSIENT_HTTP_STATUSES
 
 
 def describe(exc: BaseException) -> str:

@@ -1,14 +1,20 @@
-"""Typed errors: each carries the pipeline step that failed and whether retrying can help."""
+"""Typed errors: each carries the stage that failed and whether retrying can help.
+
+Whether an error that is not ours (an OSError, a store client's exception) is transient is decided
+in one place, `tasks.io.faults.is_transient`; steps wrap such errors into these types with that answer.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from tasks.core.vocabulary import Stage
 
 
 class StemworksError(Exception):
-    """Base class. `step` names the pipeline step; `retryable` says whether a retry can succeed."""
+    """Base class. `step` names the stage that failed; `retryable` says whether a retry can succeed."""
 
-    step: ClassVar[str] = "unknown"
+    step: ClassVar[Stage] = "unknown"
     default_retryable: ClassVar[bool] = False
 
     def __init__(self, reason: str, *, source: str | None = None, retryable: bool | None = None) -> None:
@@ -20,7 +26,7 @@ class StemworksError(Exception):
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}" if self.source else self.reason
 
-    def __reduce__(self):  # keep source/retryable across pickling (Prefect may serialise exceptions)
+    def __reduce__(self) -> tuple[Any, ...]:  # keep source/retryable across pickling (Prefect may serialise)
         return (_rebuild, (type(self), self.reason, self.source, self.retryable))
 
 
@@ -34,18 +40,12 @@ class ConfigurationError(StemworksError):
     step = "setup"
 
 
-class SourceError(StemworksError):
-    """A source could not be expanded into tracks (missing path, unsupported scheme)."""
-
-    step = "expand"
-
-
 class FetchError(StemworksError):
     step = "fetch"
     default_retryable = True
 
 
-class ValidationError(StemworksError):
+class InvalidAudioError(StemworksError):
     """The file is not acceptable audio, or breaks a configured limit. Never retried."""
 
     step = "validate"
@@ -59,18 +59,6 @@ class SeparationError(StemworksError):
     step = "separate"
 
 
-class ScoringError(StemworksError):
-    step = "score"
-
-
 class PublishError(StemworksError):
     step = "publish"
     default_retryable = True
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Transient failures are retried; our own permanent errors and programming errors are not."""
-    if isinstance(exc, StemworksError):
-        return exc.retryable
-    permanent_os_errors = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-    return isinstance(exc, (OSError, TimeoutError)) and not isinstance(exc, permanent_os_errors)

@@ -7,7 +7,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from tasks.settings import OutputSettings
+from tasks.core.settings import OutputSettings
 
 CHUNK_FRAMES = 65536
 EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3"}

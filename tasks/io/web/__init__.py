@@ -1,0 +1,1 @@
+"""URL sources: the network (SSRF) policy, the egress proxy every connection goes through, downloads."""
