@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import MUSIC, SR, decode_file, load, machine  # noqa: E402
+from benchmarks.common import MUSIC, SR, decode_file, load, machine
 
 
 def main() -> None:
@@ -41,9 +41,9 @@ def main() -> None:
     repo = Path(tempfile.mkdtemp())
     write_random_htdemucs(repo, name="full", size="full")
     model = get_model("full", repo=repo).eval()
-    song = decode_file(sorted(MUSIC.glob("*.ogg"))[0])
+    song = decode_file(min(MUSIC.glob("*.ogg")))
     length = int(model.segment * SR)
-    segment = torch.from_numpy(np.ascontiguousarray(song[:, 30 * SR:30 * SR + length]))[None]
+    segment = torch.from_numpy(np.ascontiguousarray(song[:, 30 * SR : 30 * SR + length]))[None]
     segment = (segment - segment.mean()) / segment.std()
     load_before = load()
     best = {"unfused": float("inf"), "fused": float("inf")}
@@ -57,12 +57,18 @@ def main() -> None:
                     outputs[variant] = model(segment)
                     best[variant] = min(best[variant], time.perf_counter() - started)
     reference, fused = outputs["unfused"], outputs["fused"]
-    sdr = float(10 * torch.log10((reference ** 2).sum() / ((reference - fused) ** 2).sum()))
-    report = {"machine": machine(), "threads": args.threads, "segment_s": float(model.segment),
-              "command": " ".join(["python", "benchmarks/attention.py", *sys.argv[1:]]),
-              "load": {"before": load_before, "after": load()},
-              "unfused_s": round(best["unfused"], 3), "fused_s": round(best["fused"], 3),
-              "ratio": round(best["fused"] / best["unfused"], 3), "sdr_fused_vs_unfused_db": round(sdr, 1)}
+    sdr = float(10 * torch.log10((reference**2).sum() / ((reference - fused) ** 2).sum()))
+    report = {
+        "machine": machine(),
+        "threads": args.threads,
+        "segment_s": float(model.segment),
+        "command": " ".join(["python", "benchmarks/attention.py", *sys.argv[1:]]),
+        "load": {"before": load_before, "after": load()},
+        "unfused_s": round(best["unfused"], 3),
+        "fused_s": round(best["fused"], 3),
+        "ratio": round(best["fused"] / best["unfused"], 3),
+        "sdr_fused_vs_unfused_db": round(sdr, 1),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

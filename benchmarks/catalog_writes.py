@@ -24,17 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
-import duckdb  # noqa: E402
+import duckdb
 
-from catalog import Catalog, rows  # noqa: E402
-from catalog.store import _insert  # noqa: E402
-from test_catalog import make_run, make_succeeded  # noqa: E402  (the test suite's realistic records)
+from catalog import Catalog, rows
+from catalog.store import _insert
+from tests.helpers.records import make_run, make_succeeded  # the test suite's realistic records
 
 
 def ms(seconds: float) -> str:
@@ -46,8 +46,10 @@ def single_writer(tracks: int, folder: Path) -> dict[str, float]:
     catalog.start_run(make_run("bench"))
     outcomes = [make_succeeded(f"t{i}") for i in range(tracks)]
     started = time.perf_counter()
-    frames = [(rows.track_frame("bench", f"{i:032x}", o), rows.stem_frame("bench", f"{i:032x}", o))
-              for i, o in enumerate(outcomes)]
+    frames = [
+        (rows.track_frame("bench", f"{i:032x}", o), rows.stem_frame("bench", f"{i:032x}", o))
+        for i, o in enumerate(outcomes)
+    ]
     validate = (time.perf_counter() - started) / tracks
 
     started = time.perf_counter()
@@ -87,8 +89,14 @@ def concurrent(writers: int, tracks: int, folder: Path, probe: bool = False, pau
     path = folder / f"writers{writers}{'-probed' if probe else ''}-{pause}.duckdb"
     Catalog(path)
     start_at = time.time() + 8  # after every worker has imported and validated its records
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(path), f"w{w}", str(tracks), str(start_at), str(pause)],
-                              stdout=subprocess.PIPE, text=True) for w in range(writers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(path), f"w{w}", str(tracks), str(start_at), str(pause)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(writers)
+    ]
     reads = probe_reads(path, procs, start_at) if probe else None
     latencies = [x for p in procs for x in json.loads(p.communicate()[0])]
     assert all(p.returncode == 0 for p in procs)
@@ -96,9 +104,16 @@ def concurrent(writers: int, tracks: int, folder: Path, probe: bool = False, pau
     landed = Catalog(path).query("SELECT count(*), count(DISTINCT source) FROM tracks")[1][0]
     assert landed == (writers * tracks, writers * tracks), landed
     latencies.sort()
-    return {"writers": writers, "tracks": writers * tracks, "wall": wall, "per_s": writers * tracks / wall,
-            "median": statistics.median(latencies), "p95": latencies[int(0.95 * (len(latencies) - 1))],
-            "max": latencies[-1], "reads": reads}
+    return {
+        "writers": writers,
+        "tracks": writers * tracks,
+        "wall": wall,
+        "per_s": writers * tracks / wall,
+        "median": statistics.median(latencies),
+        "p95": latencies[int(0.95 * (len(latencies) - 1))],
+        "max": latencies[-1],
+        "reads": reads,
+    }
 
 
 def probe_reads(path: Path, procs: list[subprocess.Popen], start_at: float) -> dict:
@@ -118,8 +133,13 @@ def probe_reads(path: Path, procs: list[subprocess.Popen], start_at: float) -> d
         waits.append(time.perf_counter() - began)
         time.sleep(0.02)
     waits.sort()
-    return {"plain_ok": plain_ok, "plain_locked": plain_locked, "query_median": statistics.median(waits),
-            "query_max": waits[-1], "queries": len(waits)}
+    return {
+        "plain_ok": plain_ok,
+        "plain_locked": plain_locked,
+        "query_median": statistics.median(waits),
+        "query_max": waits[-1],
+        "queries": len(waits),
+    }
 
 
 def main() -> None:
@@ -133,11 +153,15 @@ def main() -> None:
         worker(path, run_id, int(tracks), float(start), float(pause))
         return
     print("# Catalog write benchmark\n")
-    print(f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
-          f"Python {platform.python_version()}, duckdb {duckdb.__version__}")
-    print(f"- command: `python benchmarks/catalog_writes.py --tracks {args.tracks} --writers "
-          f"{' '.join(map(str, args.writers))}`")
+    print(f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M UTC}")
+    print(
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
+        f"Python {platform.python_version()}, duckdb {duckdb.__version__}"
+    )
+    print(
+        f"- command: `python benchmarks/catalog_writes.py --tracks {args.tracks} --writers "
+        f"{' '.join(map(str, args.writers))}`"
+    )
     print("- one track = 1 `tracks` row + 4 `stems` rows\n")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -155,19 +179,27 @@ def main() -> None:
         for n in args.writers:
             r = concurrent(n, args.tracks, folder)
             base = base or r["median"]
-            print(f"| {n} | {r['tracks']} | {r['wall']:.1f} s | {r['per_s']:.0f} | {ms(r['median'])} | "
-                  f"{ms(r['p95'])} | {ms(r['max'])} | {r['median'] / base:.1f}x |")
+            print(
+                f"| {n} | {r['tracks']} | {r['wall']:.1f} s | {r['per_s']:.0f} | {ms(r['median'])} | "
+                f"{ms(r['p95'])} | {ms(r['max'])} | {r['median'] / base:.1f}x |"
+            )
         for pause, title in ((0.0, "as fast as they can"), (0.5, "one track each per 0.5 s (a fast real run)")):
             r = concurrent(4, args.tracks, folder, probe=True, pause=pause)
             reads = r["reads"]
             share = reads["plain_locked"] / max(1, reads["plain_ok"] + reads["plain_locked"])
             print(f"\n## Readers while 4 writers record {title}\n")
-            print(f"- plain `duckdb.connect(read_only=True)` without retry: {reads['plain_ok']} opened, "
-                  f"{reads['plain_locked']} met the lock ({share:.0%})")
-            print(f"- `Catalog.query` (waits for the lock): {reads['queries']} queries, median "
-                  f"{ms(reads['query_median'])}, max {ms(reads['query_max'])}; every one succeeded")
-            print(f"- writers meanwhile: {r['tracks']} tracks, all recorded once; write latency median "
-                  f"{ms(r['median'])}, max {ms(r['max'])}")
+            print(
+                f"- plain `duckdb.connect(read_only=True)` without retry: {reads['plain_ok']} opened, "
+                f"{reads['plain_locked']} met the lock ({share:.0%})"
+            )
+            print(
+                f"- `Catalog.query` (waits for the lock): {reads['queries']} queries, median "
+                f"{ms(reads['query_median'])}, max {ms(reads['query_max'])}; every one succeeded"
+            )
+            print(
+                f"- writers meanwhile: {r['tracks']} tracks, all recorded once; write latency median "
+                f"{ms(r['median'])}, max {ms(r['max'])}"
+            )
 
 
 if __name__ == "__main__":

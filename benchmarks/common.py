@@ -8,10 +8,14 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tasks.steps.encode import Frames
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = ROOT.parent / "shared" / "testdata"
@@ -20,17 +24,17 @@ SR = 44100
 
 
 def decode_file(path: Path) -> np.ndarray:
-    from tasks.steps.decode import decode_to_array
     from tasks.core.settings import Limits
     from tasks.steps.validate import probe
+    from tests.helpers.audio import decode_to_array
 
     return decode_to_array(path, probe(path, Limits()), SR, Limits())
 
 
-def write_wav(samples, path: Path) -> Path:
+def write_wav(samples: Frames, path: Path) -> Path:
     """16-bit wav through the project's encoder; `samples` may be any (2, n) sliceable object."""
-    from tasks.steps.encode import encode
     from tasks.core.settings import OutputSettings
+    from tasks.steps.encode import encode
 
     path.parent.mkdir(parents=True, exist_ok=True)
     encode(samples, SR, path, OutputSettings(format="wav", bit_depth=16))
@@ -48,7 +52,7 @@ def cut_library(directory: Path, count: int, seconds: float) -> list[Path]:
             for start in range(0, audio.shape[1] - length + 1, length):
                 if len(clips) == count:
                     return clips
-                clips.append(write_wav(audio[:, start:start + length], directory / f"clip{len(clips):02d}.wav"))
+                clips.append(write_wav(audio[:, start : start + length], directory / f"clip{len(clips):02d}.wav"))
         length -= SR  # more clips than the songs hold at this length: shorter ones (never reached for 8 x 30 s)
     return clips
 
@@ -71,8 +75,14 @@ def timed(command: list[str], *, env: dict[str, str] | None = None) -> dict:
     started = time.perf_counter()
     # A loaded machine can take longer than Prefect's default to start its temporary API server.
     defaults = {"PYTHONPATH": str(ROOT), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}
-    result = subprocess.run(wrapper, cwd=ROOT, env={**os.environ, **defaults, **(env or {})},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        wrapper,
+        cwd=ROOT,
+        env={**os.environ, **defaults, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -85,13 +95,24 @@ def load() -> str:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
 def stems_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:

@@ -18,21 +18,59 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cut_library, decode_file, load, machine, stems_sdr, timed  # noqa: E402
+from benchmarks.common import cut_library, decode_file, load, machine, stems_sdr, timed
 
 MODEL = "random_htdemucs_full"
 STEMS = ["drums", "bass", "other", "vocals"]
 
 
 def demucs_cli(repo: Path, clips: list[Path], out: Path) -> list[str]:
-    return [sys.executable, "-m", "demucs.separate", "--repo", str(repo), "-n", MODEL, "-d", "cpu",
-            "--shifts", "0", "--overlap", "0.25", "-o", str(out), *map(str, clips)]
+    return [
+        sys.executable,
+        "-m",
+        "demucs.separate",
+        "--repo",
+        str(repo),
+        "-n",
+        MODEL,
+        "-d",
+        "cpu",
+        "--shifts",
+        "0",
+        "--overlap",
+        "0.25",
+        "-o",
+        str(out),
+        *map(str, clips),
+    ]
 
 
 def stemworks_cli(repo: Path, clips: list[Path], out: Path, precision: str, work: Path) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "separate", *map(str, clips), "--model", MODEL, "--model-repo",
-            str(repo), "--device", "cpu", "--shifts", "0", "--overlap", "0.25", "--precision", precision,
-            "--out", str(out), "--catalog", str(work / f"catalog-{precision}.duckdb"), "--work-dir", str(work / "tmp")]
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "separate",
+        *map(str, clips),
+        "--model",
+        MODEL,
+        "--model-repo",
+        str(repo),
+        "--device",
+        "cpu",
+        "--shifts",
+        "0",
+        "--overlap",
+        "0.25",
+        "--precision",
+        precision,
+        "--out",
+        str(out),
+        "--catalog",
+        str(work / f"catalog-{precision}.duckdb"),
+        "--work-dir",
+        str(work / "tmp"),
+    ]
 
 
 def our_stems(out: Path) -> dict[str, np.ndarray]:
@@ -56,8 +94,13 @@ def main() -> None:
     repo = args.work / "models"
     write_random_htdemucs(repo, MODEL, "full", seed=0)
     clips = cut_library(args.work / "clips", args.tracks, args.seconds)
-    result: dict = {"machine": machine(), "tracks": len(clips), "seconds_each": args.seconds,
-                    "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "load": {}}
+    result: dict = {
+        "machine": machine(),
+        "tracks": len(clips),
+        "seconds_each": args.seconds,
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "load": {},
+    }
     runs = {
         "demucs_cli": demucs_cli(repo, clips, args.work / "demucs"),
         "stemworks_fp32": stemworks_cli(repo, clips, args.work / "fp32", "fp32", args.work),
@@ -73,16 +116,27 @@ def main() -> None:
     result["ratio_bf16"] = round(result["stemworks_bf16"]["wall_s"] / demucs_wall, 3)
     fp32, bf16 = our_stems(args.work / "fp32"), our_stems(args.work / "bf16")
     result["bf16_vs_fp32_sdr_db"] = {
-        stem: round(min(stems_sdr(fp32[clip][k], bf16[clip][k]) for clip in fp32), 2) for k, stem in enumerate(STEMS)}
-    reference = {clip.stem: np.stack([decode_file(args.work / "demucs" / MODEL / clip.stem / f"{stem}.wav")
-                                      for stem in STEMS]) for clip in clips}
+        stem: round(min(stems_sdr(fp32[clip][k], bf16[clip][k]) for clip in fp32), 2) for k, stem in enumerate(STEMS)
+    }
+    reference = {
+        clip.stem: np.stack([decode_file(args.work / "demucs" / MODEL / clip.stem / f"{stem}.wav") for stem in STEMS])
+        for clip in clips
+    }
     result["fp32_vs_demucs_cli_sdr_db"] = {
         stem: round(min(stems_sdr(reference[clip][k], fp32[clip][k]) for clip in fp32), 2)
-        for k, stem in enumerate(STEMS)}
+        for k, stem in enumerate(STEMS)
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ratio_fp32", "ratio_bf16", "bf16_vs_fp32_sdr_db",
-                                                "fp32_vs_demucs_cli_sdr_db", "load")}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in ("ratio_fp32", "ratio_bf16", "bf16_vs_fp32_sdr_db", "fp32_vs_demucs_cli_sdr_db", "load")
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ file (what catalog.store does), while a plain read-only reader keeps opening the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import random
@@ -48,10 +49,8 @@ def write(path: str, writer: str, writes: int, flock: bool) -> None:
 
 def read(path: str, stop: str) -> None:
     while not os.path.exists(stop):
-        try:
+        with contextlib.suppress(duckdb.IOException):
             duckdb.connect(path, read_only=True).close()
-        except duckdb.IOException:
-            pass
 
 
 def trial(folder: Path, writers: int, writes: int, flock: bool) -> tuple[int, int]:
@@ -59,14 +58,18 @@ def trial(folder: Path, writers: int, writes: int, flock: bool) -> tuple[int, in
     with duckdb.connect(path) as con:
         con.execute("CREATE TABLE t (writer VARCHAR, i INTEGER)")
     reader = subprocess.Popen([sys.executable, __file__, "--read", path, stop]) if flock else None
-    procs = [subprocess.Popen([sys.executable, __file__, "--write", path, f"w{w}", str(writes), str(flock)])
-             for w in range(writers)]
+    procs = [
+        subprocess.Popen([sys.executable, __file__, "--write", path, f"w{w}", str(writes), str(flock)])
+        for w in range(writers)
+    ]
     codes = [p.wait() for p in procs]
     Path(stop).touch()
     if reader:
         reader.wait()
     with duckdb.connect(path, read_only=True) as con:
-        landed = con.execute("SELECT count(*) FROM t").fetchone()[0]
+        row = con.execute("SELECT count(*) FROM t").fetchone()
+        assert row is not None  # an aggregate always returns one row
+        landed = row[0]
     return landed, sum(1 for c in codes if c != 0)
 
 

@@ -19,12 +19,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import MUSIC, SR, decode_file, load, machine, stems_sdr  # noqa: E402
+from benchmarks.common import MUSIC, SR, decode_file, load, machine, stems_sdr
+
+if TYPE_CHECKING:
+    from tasks.engine.overlap_add import DemucsModel, Precision
 
 GFLOP_PER_AUDIO_SECOND = 22.0
 PEAK_TFLOPS = {"fp32": 67.0, "bf16": 989.0, "fp16": 989.0}  # H100 SXM dense; override with --peak-tflops
@@ -46,7 +50,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def reference(model: torch.nn.Module, mixes: list[np.ndarray], device: str) -> tuple[float, list[np.ndarray]]:
+def reference(model: DemucsModel, mixes: list[np.ndarray], device: str) -> tuple[float, list[np.ndarray]]:
     from demucs.apply import apply_model
 
     outs = []
@@ -63,12 +67,13 @@ def reference(model: torch.nn.Module, mixes: list[np.ndarray], device: str) -> t
     return time.perf_counter() - started, outs
 
 
-def engine(model: torch.nn.Module, paths: list[Path], work: Path, device: str, precision: str,
-           batch_size: int | None) -> tuple[float, list[np.ndarray]]:
+def engine(
+    model: DemucsModel, paths: list[Path], work: Path, device: str, precision: Precision, batch_size: int | None
+) -> tuple[float, list[np.ndarray]]:
     from tasks.engine.overlap_add import EngineOptions, TrackFiles, separate_files
 
     files = [TrackFiles(str(p), {s: str(work / f"{p.stem}-{precision}-{s}.npy") for s in model.sources}) for p in paths]
-    options = EngineOptions(shifts=0, precision=precision, batch_size=batch_size)  # type: ignore[arg-type]
+    options = EngineOptions(shifts=0, precision=precision, batch_size=batch_size)
     sync(device)
     started = time.perf_counter()
     separate_files(model, files, options, device)
@@ -103,19 +108,32 @@ def main() -> None:
     audio_seconds = args.tracks * args.seconds
     engine(model, paths[:1], work, args.device, "fp32", args.batch_size)  # warm-up: kernels, allocator
     ref_wall, ref_out = reference(model, mixes, args.device)
-    result: dict = {"machine": machine(), "device_name": torch.cuda.get_device_name() if args.device.startswith(
-        "cuda") else "cpu", "tracks": args.tracks, "seconds_each": args.seconds, "model_size": args.size,
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "load_before": load(),
-        "reference_apply_model": {"wall_s": round(ref_wall, 3), "x_realtime": round(audio_seconds / ref_wall, 1)}}
+    result: dict = {
+        "machine": machine(),
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "tracks": args.tracks,
+        "seconds_each": args.seconds,
+        "model_size": args.size,
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "load_before": load(),
+        "reference_apply_model": {"wall_s": round(ref_wall, 3), "x_realtime": round(audio_seconds / ref_wall, 1)},
+    }
     for precision in args.precisions:
         wall, out = engine(model, paths, work, args.device, precision, args.batch_size)
         flops = GFLOP_PER_AUDIO_SECOND * 1e9 * audio_seconds / wall
         peak = (args.peak_tflops or PEAK_TFLOPS[precision]) * 1e12
         result[precision] = {
-            "wall_s": round(wall, 3), "x_realtime": round(audio_seconds / wall, 1),
-            "speedup_vs_apply_model": round(ref_wall / wall, 2), "mfu": round(flops / peak, 4),
-            "sdr_vs_apply_model_fp32_db": round(min(stems_sdr(r[k], o[k]) for r, o in zip(ref_out, out)
-                                                    for k in range(len(model.sources))), 1)}
+            "wall_s": round(wall, 3),
+            "x_realtime": round(audio_seconds / wall, 1),
+            "speedup_vs_apply_model": round(ref_wall / wall, 2),
+            "mfu": round(flops / peak, 4),
+            "sdr_vs_apply_model_fp32_db": round(
+                min(
+                    stems_sdr(r[k], o[k]) for r, o in zip(ref_out, out, strict=True) for k in range(len(model.sources))
+                ),
+                1,
+            ),
+        }
         print(precision, result[precision], flush=True)
     result["load_after"] = load()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import MUSIC, SR, Looped, decode_file, load, machine, timed, write_wav  # noqa: E402
+from benchmarks.common import MUSIC, SR, Looped, decode_file, load, machine, timed, write_wav
 
 MODEL = "tiny"
 SONG = "Karissa_Hobbs_-_Lets_Go_Fishin.hq.ogg"
@@ -35,17 +35,50 @@ def main() -> None:
     repo = args.work / "models"
     write_random_htdemucs(repo, MODEL, "tiny", seed=0)
     song = decode_file(MUSIC / SONG)
-    result: dict = {"machine": machine(), "model": "tiny random-weight HTDemucs",
-                    "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), "runs": []}
+    result: dict = {
+        "machine": machine(),
+        "model": "tiny random-weight HTDemucs",
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "runs": [],
+    }
     for minutes in args.minutes:
         source = write_wav(Looped(song, int(minutes * 60 * SR)), args.work / f"mix-{minutes:g}min.wav")
-        commands = {"stemworks": [sys.executable, "-m", "flows.cli", "separate", str(source), "--model", MODEL,
-                                  "--model-repo", str(repo), "--device", "cpu", "--out", str(args.work / "ours"),
-                                  "--catalog", str(args.work / "catalog.duckdb"),
-                                  "--work-dir", str(args.work / "tmp")]}
+        commands = {
+            "stemworks": [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "separate",
+                str(source),
+                "--model",
+                MODEL,
+                "--model-repo",
+                str(repo),
+                "--device",
+                "cpu",
+                "--out",
+                str(args.work / "ours"),
+                "--catalog",
+                str(args.work / "catalog.duckdb"),
+                "--work-dir",
+                str(args.work / "tmp"),
+            ]
+        }
         if not args.skip_demucs:
-            commands["demucs_cli"] = [sys.executable, "-m", "demucs.separate", "--repo", str(repo), "-n", MODEL,
-                                      "-d", "cpu", "-o", str(args.work / "demucs"), str(source)]
+            commands["demucs_cli"] = [
+                sys.executable,
+                "-m",
+                "demucs.separate",
+                "--repo",
+                str(repo),
+                "-n",
+                MODEL,
+                "-d",
+                "cpu",
+                "-o",
+                str(args.work / "demucs"),
+                str(source),
+            ]
         for tool, command in commands.items():
             before = load()
             run = timed(command)
@@ -58,8 +91,9 @@ def main() -> None:
         source.unlink()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps([{k: r[k] for k in ("tool", "minutes", "peak_rss_mb", "wall_s")} for r in result["runs"]],
-                     indent=2))
+    print(
+        json.dumps([{k: r[k] for k in ("tool", "minutes", "peak_rss_mb", "wall_s")} for r in result["runs"]], indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ that orchestration is not hidden behind separation. Per-track overhead = (wall -
 catalog's separate_s) / tracks. A bare subflow with six no-op tasks is timed too, to show the cost
 Prefect itself puts on a subflow.
 
-    python benchmarks/orchestration_overhead.py --work /tmp/bench-orch --out benchmarks/results/orchestration_overhead.json
+    python benchmarks/orchestration_overhead.py --work /tmp/bench-orch \
+        --out benchmarks/results/orchestration_overhead.json
 """
 
 from __future__ import annotations
@@ -17,28 +18,34 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import cut_library, load, machine  # noqa: E402
+from benchmarks.common import cut_library, load, machine
 
 MODEL = "tiny"
 
 
 def separate_s(catalog: Path) -> float:
     with duckdb.connect(str(catalog), read_only=True) as con:
-        return float(con.execute("SELECT sum(separate_s) FROM tracks").fetchone()[0])
+        row = con.execute("SELECT sum(separate_s) FROM tracks").fetchone()
+        assert row is not None  # an aggregate always returns one row
+        return float(row[0])
 
 
-def measure(name: str, run, clips: list[Path], catalog: Path) -> dict:
+def measure(name: str, run: Callable[[], object], clips: list[Path], catalog: Path) -> dict:
     started = time.perf_counter()
     run()
     wall = time.perf_counter() - started
     model = separate_s(catalog)
-    result = {"wall_s": round(wall, 2), "separate_s_total": round(model, 2),
-              "overhead_s_per_track": round((wall - model) / len(clips), 3)}
+    result = {
+        "wall_s": round(wall, 2),
+        "separate_s_total": round(model, 2),
+        "overhead_s_per_track": round((wall - model) / len(clips), 3),
+    }
     print(name, result, flush=True)
     return result
 
@@ -55,8 +62,8 @@ def main() -> None:
 
     from flows.library import separate_library
     from flows.track import separate_track
-    from tasks.engine.model_repo import write_random_htdemucs
     from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+    from tasks.engine.model_repo import write_random_htdemucs
 
     args.work.mkdir(parents=True, exist_ok=True)
     clips = cut_library(args.work / "clips", args.tracks, args.seconds)
@@ -66,9 +73,13 @@ def main() -> None:
     separation = SeparationSettings(model=MODEL, model_repo=str(repo), device="cpu", shifts=0)
 
     def settings(tag: str) -> dict:
-        return dict(separation=separation, output=OutputSettings(out=str(args.work / f"out-{tag}")),
-                    limits=Limits(), catalog=str(args.work / f"catalog-{tag}.duckdb"),
-                    work_root=str(args.work / "tmp"))
+        return {
+            "separation": separation,
+            "output": OutputSettings(out=str(args.work / f"out-{tag}")),
+            "limits": Limits(),
+            "catalog": str(args.work / f"catalog-{tag}.duckdb"),
+            "work_root": str(args.work / "tmp"),
+        }
 
     @task
     def no_op(value: int) -> int:
@@ -100,18 +111,32 @@ def main() -> None:
     bare_s = bare_subflows(args.tracks)  # also starts the temporary API server, outside the timings below
     print(f"bare subflow with 6 no-op tasks: {bare_s:.3f} s", flush=True)
     results = {
-        "subflow_per_track": measure("subflow per track", lambda: subflow_per_track(sources, "subflows"), clips,
-                                     args.work / "catalog-subflows.duckdb"),
-        "separate_library": measure("separate-library", lambda: separate_library(sources, **settings("library")),
-                                    clips, args.work / "catalog-library.duckdb"),
+        "subflow_per_track": measure(
+            "subflow per track",
+            lambda: subflow_per_track(sources, "subflows"),
+            clips,
+            args.work / "catalog-subflows.duckdb",
+        ),
+        "separate_library": measure(
+            "separate-library",
+            lambda: separate_library(sources, **settings("library")),
+            clips,
+            args.work / "catalog-library.duckdb",
+        ),
     }
     report = {
-        "machine": machine(), "tracks": args.tracks, "seconds_each": args.seconds, "model": "tiny HTDemucs",
+        "machine": machine(),
+        "tracks": args.tracks,
+        "seconds_each": args.seconds,
+        "model": "tiny HTDemucs",
         "command": " ".join(["python", "benchmarks/orchestration_overhead.py", *sys.argv[1:]]),
         "load": {"before": load_before, "after": load()},
-        "bare_subflow_6_tasks_s": round(bare_s, 3), **results,
-        "overhead_ratio": round(results["separate_library"]["overhead_s_per_track"]
-                                / results["subflow_per_track"]["overhead_s_per_track"], 3),
+        "bare_subflow_6_tasks_s": round(bare_s, 3),
+        **results,
+        "overhead_ratio": round(
+            results["separate_library"]["overhead_s_per_track"] / results["subflow_per_track"]["overhead_s_per_track"],
+            3,
+        ),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

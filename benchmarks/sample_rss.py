@@ -17,7 +17,7 @@ def status(pid: int) -> dict[str, str]:
 
 if __name__ == "__main__":
     log = Path(sys.argv[1])
-    command = sys.argv[sys.argv.index("--") + 1:]
+    command = sys.argv[sys.argv.index("--") + 1 :]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with log.open("w") as out:

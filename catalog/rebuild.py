@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from catalog.store import Catalog
@@ -42,26 +42,43 @@ def manifest_uris(out: str) -> list[str]:
 def outcome_from_manifest(uri: str, manifest: Manifest) -> TrackOutcome:
     """The succeeded track a manifest describes; timings, failures and per-stem quality are unknown."""
     return TrackOutcome(
-        source=manifest.source, status="succeeded", content_sha256=manifest.content_sha256,
-        job_key=manifest.job_key, started_at=manifest.created_at, finished_at=manifest.created_at,
-        audio_seconds=manifest.seconds, info=manifest.source_audio, origin=manifest.origin,
-        quality=TrackQuality(residual_db=manifest.residual_db, stems=[]), published=manifest.published(uri))
+        source=manifest.source,
+        status="succeeded",
+        content_sha256=manifest.content_sha256,
+        job_key=manifest.job_key,
+        started_at=manifest.created_at,
+        finished_at=manifest.created_at,
+        audio_seconds=manifest.seconds,
+        info=manifest.source_audio,
+        origin=manifest.origin,
+        quality=TrackQuality(residual_db=manifest.residual_db, stems=[]),
+        published=manifest.published(uri),
+    )
 
 
 def _run_record(run_id: str, out: str, manifests: list[Manifest]) -> RunRecord:
     first = manifests[0]
     return RunRecord(
-        run_id=run_id, flow_run_id=None, flow_name="rebuild", started_at=min(m.created_at for m in manifests),
-        parameters=first.parameters, sources=sorted({m.source for m in manifests}), out=redact(out),
-        model_name=first.model.name, model_signature=first.model.signature, device=first.device,
-        code_version=first.code_version, hostname=socket.gethostname())
+        run_id=run_id,
+        flow_run_id=None,
+        flow_name="rebuild",
+        started_at=min(m.created_at for m in manifests),
+        parameters=first.parameters,
+        sources=sorted({m.source for m in manifests}),
+        out=redact(out),
+        model_name=first.model.name,
+        model_signature=first.model.signature,
+        device=first.device,
+        code_version=first.code_version,
+        hostname=socket.gethostname(),
+    )
 
 
 def _move_aside(path: Path) -> Path | None:
     """Keep a damaged or stale catalog (and its WAL) next to the new one rather than deleting it."""
     if not path.exists():
         return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     aside = path.with_name(f"{path.name}.before-rebuild-{stamp}")
     os.replace(path, aside)
     wal = path.with_name(path.name + ".wal")
@@ -105,7 +122,15 @@ def _record_run(catalog: Catalog, run_id: str, out: str, entries: list[tuple[str
     catalog.start_run(_run_record(run_id, out, manifests), rebuilt_from=redact(out))
     for uri, manifest in entries:
         catalog.record_track(run_id, outcome_from_manifest(uri, manifest))
-    catalog.finish_run(RunSummary(
-        run_id=run_id, finished_at=max(m.created_at for m in manifests), status="completed",
-        tracks_total=len(entries), tracks_succeeded=len(entries), tracks_failed=0, tracks_skipped=0,
-        audio_seconds=sum(m.seconds for m in manifests)))
+    catalog.finish_run(
+        RunSummary(
+            run_id=run_id,
+            finished_at=max(m.created_at for m in manifests),
+            status="completed",
+            tracks_total=len(entries),
+            tracks_succeeded=len(entries),
+            tracks_failed=0,
+            tracks_skipped=0,
+            audio_seconds=sum(m.seconds for m in manifests),
+        )
+    )

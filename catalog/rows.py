@@ -109,8 +109,9 @@ def track_frame(run_id: str, track_id: str, outcome: TrackOutcome) -> pd.DataFra
     return validate_frame("tracks", pd.DataFrame([row]))
 
 
-def _stem_row(run_id: str, track_id: str, outcome: TrackOutcome, stem: PublishedStem,
-              quality: StemQuality | None) -> dict[str, Any]:
+def _stem_row(
+    run_id: str, track_id: str, outcome: TrackOutcome, stem: PublishedStem, quality: StemQuality | None
+) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "track_id": track_id,
@@ -135,6 +136,5 @@ def stem_frame(run_id: str, track_id: str, outcome: TrackOutcome) -> pd.DataFram
     if outcome.published is None or not outcome.published.stems:
         return None
     by_name = {q.stem: q for q in outcome.quality.stems} if outcome.quality else {}
-    rows = [_stem_row(run_id, track_id, outcome, stem, by_name.get(stem.stem))
-            for stem in outcome.published.stems]
+    rows = [_stem_row(run_id, track_id, outcome, stem, by_name.get(stem.stem)) for stem in outcome.published.stems]
     return validate_frame("stems", pd.DataFrame(rows))

@@ -18,7 +18,8 @@ from pandera.errors import SchemaErrors
 from pandera.typing import Series
 
 from catalog.errors import CatalogValidationError
-from tasks.core.vocabulary import RUN_STATUSES, STAGES, STEPS, TRACK_STATUSES
+from tasks.core.vocabulary import RUN_STATUSES, STAGES, TRACK_STATUSES
+from tasks.core.vocabulary import STEPS as STEPS  # re-exported: the `<step>_s` columns of tracks follow it
 
 # Bump when the layout of a table or a view changes, and add the statements that upgrade the previous
 # version to MIGRATIONS (an empty tuple when only views changed: views are recreated after every upgrade).
@@ -92,8 +93,11 @@ class RunsModel(_Table):
     tracks_skipped: Series[pd.Int64Dtype] = pa.Field(nullable=True, ge=0)
     audio_seconds: Series[float] = pa.Field(nullable=True, ge=0)
     # Last, because a migration appends it: fresh and upgraded files then have the same column order.
-    rebuilt_from: Series[str] = pa.Field(nullable=True, description="Storage URL the run was reconstructed "
-                                         "from by `catalog rebuild`; null for runs recorded as they ran.")
+    rebuilt_from: Series[str] = pa.Field(
+        nullable=True,
+        description="Storage URL the run was reconstructed "
+        "from by `catalog rebuild`; null for runs recorded as they ran.",
+    )
 
     class Config:
         metadata = {"primary_key": ("run_id",)}
@@ -104,8 +108,9 @@ class RunsModel(_Table):
 
     @pa.dataframe_check(error="finished_at and the track counts are set exactly when status is not 'running'")
     def _finished_iff_not_running(cls, df: pd.DataFrame) -> pd.Series:
-        outcome = df[["finished_at", "tracks_total", "tracks_succeeded", "tracks_failed",
-                      "tracks_skipped", "audio_seconds"]]
+        outcome = df[
+            ["finished_at", "tracks_total", "tracks_succeeded", "tracks_failed", "tracks_skipped", "audio_seconds"]
+        ]
         running = df["status"] == "running"
         return (running & outcome.isna().all(axis=1)) | (~running & outcome.notna().all(axis=1))
 
@@ -251,13 +256,16 @@ def primary_key(model: type[pa.DataFrameModel]) -> tuple[str, ...]:
 
 def column_types(model: type[pa.DataFrameModel]) -> dict[str, tuple[str, bool]]:
     """Column name -> (DuckDB type, nullable), in model order."""
-    return {name: (duckdb_type(column.dtype), bool(column.nullable))
-            for name, column in model.to_schema().columns.items()}
+    return {
+        name: (duckdb_type(column.dtype), bool(column.nullable)) for name, column in model.to_schema().columns.items()
+    }
 
 
 def create_table_statement(table: str, model: type[pa.DataFrameModel]) -> str:
-    lines = [f"{_quote(name)} {sql_type}{'' if nullable else ' NOT NULL'}"
-             for name, (sql_type, nullable) in column_types(model).items()]
+    lines = [
+        f"{_quote(name)} {sql_type}{'' if nullable else ' NOT NULL'}"
+        for name, (sql_type, nullable) in column_types(model).items()
+    ]
     if key := primary_key(model):
         lines.append(f"PRIMARY KEY ({', '.join(map(_quote, key))})")
     for column, (ref_table, ref_column) in _table_metadata(model).get("foreign_keys", {}).items():
@@ -282,7 +290,8 @@ def describe_failures(table: str, failure_cases: pd.DataFrame) -> str:
     """One line per failed (column, check): '<table>.<column>: failed <check>: <values>'."""
     lines: list[str] = []
     for (context, column, check), cases in failure_cases.groupby(
-            ["schema_context", "column", "check"], dropna=False, sort=False):
+        ["schema_context", "column", "check"], dropna=False, sort=False
+    ):
         where = f"{table}.{column}" if context == "Column" else table
         lines.append(f"{where}: failed {check}: {_sample(cases)}")
     return "; ".join(dict.fromkeys(lines))  # frame-level checks repeat once per column

@@ -24,6 +24,7 @@ closes; see the README's catalog section. All of this goes through `Catalog._con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -39,14 +40,13 @@ import pandas as pd
 try:
     import fcntl
 except ImportError:  # Windows: no flock; one writing process at a time is then the user's job
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # the module or None: callers test `fcntl is None`
 
 from catalog import rows
 from catalog.errors import CatalogBusyError, CatalogError
 from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_statements
 from catalog.views import VIEWS, create_view_statements
 from tasks.core.records import RunRecord, RunSummary, TrackOutcome
-
 
 # DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
 _LOCK_CONFLICT = "Could not set lock on file"
@@ -128,8 +128,7 @@ class Catalog:
 
     def stems_recorded(self, manifest_uri: str) -> bool:
         """Whether some recorded track published from `manifest_uri` has its stems in the catalog."""
-        sql = ("SELECT count(*) FROM stems s JOIN tracks t ON t.track_id = s.track_id "
-               "WHERE t.manifest_uri = ?")
+        sql = "SELECT count(*) FROM stems s JOIN tracks t ON t.track_id = s.track_id WHERE t.manifest_uri = ?"
         with self.reading() as con:
             return _scalar(con, sql, [manifest_uri]) > 0
 
@@ -195,8 +194,10 @@ class Catalog:
             pause = _pause(pause, left)
 
     def _busy(self, detail: object) -> CatalogBusyError:
-        return CatalogBusyError(f"{self.path} stayed locked by other processes for {self.busy_timeout_s:g} s; "
-                                f"nothing was written ({detail})")
+        return CatalogBusyError(
+            f"{self.path} stayed locked by other processes for {self.busy_timeout_s:g} s; "
+            f"nothing was written ({detail})"
+        )
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -239,12 +240,16 @@ class Catalog:
 
     def _stored_version(self, con: duckdb.DuckDBPyConnection) -> int | None:
         """The file's schema version (None when new); refuses a file written by newer code."""
-        has_table = _scalar(con, "SELECT count(*) FROM information_schema.tables "
-                                 "WHERE table_schema = current_schema() AND table_name = 'schema_version'")
+        has_table = _scalar(
+            con,
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = current_schema() AND table_name = 'schema_version'",
+        )
         version = _scalar(con, "SELECT max(version) FROM schema_version") if has_table else None
         if version is not None and version > SCHEMA_VERSION:
-            raise CatalogError(f"{self.path} has catalog schema {version}; this code knows up to "
-                               f"{SCHEMA_VERSION}: upgrade stemworks")
+            raise CatalogError(
+                f"{self.path} has catalog schema {version}; this code knows up to {SCHEMA_VERSION}: upgrade stemworks"
+            )
         return version
 
 
@@ -311,10 +316,8 @@ def _sql_text(text: str) -> str:
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
     # A failed COMMIT has already rolled back, and then ROLLBACK itself fails; the original error matters.
-    try:
+    with contextlib.suppress(duckdb.Error):
         con.execute("ROLLBACK")
-    except duckdb.Error:
-        pass
 
 
 def _run_exists(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:
@@ -336,7 +339,7 @@ def _update_run(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame) -> None:
     assignments = ", ".join(f'"{c}" = _run."{c}"' for c in columns)
     con.register("_run", frame)
     try:
-        con.execute(f'UPDATE runs SET {assignments} FROM _run WHERE runs.run_id = _run.run_id')
+        con.execute(f"UPDATE runs SET {assignments} FROM _run WHERE runs.run_id = _run.run_id")
     finally:
         con.unregister("_run")
 
@@ -354,10 +357,15 @@ def _migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
 
 def _check_columns(con: duckdb.DuckDBPyConnection) -> None:
     """Fail early on a file whose tables lack columns this code writes (e.g. a hand-edited catalog)."""
-    stored = con.execute("SELECT table_name, column_name FROM information_schema.columns "
-                         "WHERE table_schema = current_schema()").fetchall()
+    stored = con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+    ).fetchall()
     have = {(table, column) for table, column in stored}
-    missing = [f"{table}.{column}" for table, model in TABLES.items()
-               for column in model.to_schema().columns if (table, column) not in have]
+    missing = [
+        f"{table}.{column}"
+        for table, model in TABLES.items()
+        for column in model.to_schema().columns
+        if (table, column) not in have
+    ]
     if missing:
         raise CatalogError(f"catalog tables lack columns {missing}; the file needs a schema migration")

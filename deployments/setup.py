@@ -44,8 +44,12 @@ class SetupPlan:
 
     def deploy_env(self) -> dict[str, str]:
         """The variables prefect.yaml's `{{ $NAME }}` placeholders are resolved from."""
-        return {"STEMWORKS_CODE_DIR": str(self.code_dir), "STEMWORKS_OUT": self.out,
-                "STEMWORKS_CATALOG": self.catalog, "STEMWORKS_LIBRARY_ROOT": self.library_root}
+        return {
+            "STEMWORKS_CODE_DIR": str(self.code_dir),
+            "STEMWORKS_OUT": self.out,
+            "STEMWORKS_CATALOG": self.catalog,
+            "STEMWORKS_LIBRARY_ROOT": self.library_root,
+        }
 
 
 def ensure_work_pools(names: tuple[str, ...] = WORK_POOLS) -> dict[str, str]:
@@ -57,9 +61,14 @@ def ensure_work_pools(names: tuple[str, ...] = WORK_POOLS) -> dict[str, str]:
                 client.read_work_pool(name)
                 done[name] = "exists"
             except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(
-                    name=name, type="process", description=f"stemworks {name} hosts",
-                    base_job_template=ProcessWorker.get_default_base_job_template()))
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name,
+                        type="process",
+                        description=f"stemworks {name} hosts",
+                        base_job_template=ProcessWorker.get_default_base_job_template(),
+                    )
+                )
                 done[name] = "created"
     return done
 
@@ -87,27 +96,44 @@ def run(plan: SetupPlan) -> None:
 def parse(argv: list[str] | None = None) -> SetupPlan:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu-slots", type=int, default=int(env("STEMWORKS_GPU_SLOTS", "1")),
-                        help="GPUs that may separate at once, over all GPU hosts (default 1)")
+    parser.add_argument(
+        "--gpu-slots",
+        type=int,
+        default=int(env("STEMWORKS_GPU_SLOTS", "1")),
+        help="GPUs that may separate at once, over all GPU hosts (default 1)",
+    )
     parser.add_argument("--gpu-slot-limit", default=DEFAULT_GPU_SLOT_LIMIT, help="name of the concurrency limit")
-    parser.add_argument("--code-dir", type=Path, default=Path(env("STEMWORKS_CODE_DIR", REPO_ROOT)),
-                        help="checkout of this repository, at the same path on every worker host")
+    parser.add_argument(
+        "--code-dir",
+        type=Path,
+        default=Path(env("STEMWORKS_CODE_DIR", REPO_ROOT)),
+        help="checkout of this repository, at the same path on every worker host",
+    )
     parser.add_argument("--out", default=env("STEMWORKS_OUT"), help="stems destination (default CODE_DIR/separated)")
-    parser.add_argument("--catalog", default=env("STEMWORKS_CATALOG"),
-                        help="DuckDB catalog (default CODE_DIR/stemworks.duckdb)")
-    parser.add_argument("--library-root", default=env("STEMWORKS_LIBRARY_ROOT"),
-                        help="what the nightly run scans (default CODE_DIR/library)")
+    parser.add_argument(
+        "--catalog", default=env("STEMWORKS_CATALOG"), help="DuckDB catalog (default CODE_DIR/stemworks.duckdb)"
+    )
+    parser.add_argument(
+        "--library-root",
+        default=env("STEMWORKS_LIBRARY_ROOT"),
+        help="what the nightly run scans (default CODE_DIR/library)",
+    )
     parser.add_argument("--no-deploy", action="store_true", help="only pools and limits")
     parser.add_argument("--name", action="append", default=[], help="deploy only this deployment (repeatable)")
     args = parser.parse_args(argv)
     if args.gpu_slots < 1:
         parser.error("--gpu-slots must be at least 1")
     code_dir = args.code_dir.resolve()
-    return SetupPlan(gpu_slots=args.gpu_slots, gpu_slot_limit=args.gpu_slot_limit, code_dir=code_dir,
-                     out=args.out or str(code_dir / "separated"),
-                     catalog=args.catalog or str(code_dir / "stemworks.duckdb"),
-                     library_root=args.library_root or str(code_dir / "library"),
-                     deploy=not args.no_deploy, names=tuple(args.name))
+    return SetupPlan(
+        gpu_slots=args.gpu_slots,
+        gpu_slot_limit=args.gpu_slot_limit,
+        code_dir=code_dir,
+        out=args.out or str(code_dir / "separated"),
+        catalog=args.catalog or str(code_dir / "stemworks.duckdb"),
+        library_root=args.library_root or str(code_dir / "library"),
+        deploy=not args.no_deploy,
+        names=tuple(args.name),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

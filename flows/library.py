@@ -27,8 +27,9 @@ Sources = Annotated[list[str], Field(min_length=1)]
 
 
 def _unexpandable(source: str, reason: str) -> TrackOutcome:
-    return TrackOutcome(source=source, status="failed", error=reason, error_step="expand", started_at=now(),
-                        finished_at=now())
+    return TrackOutcome(
+        source=source, status="failed", error=reason, error_step="expand", started_at=now(), finished_at=now()
+    )
 
 
 def _conclude(pipeline: TrackPipeline, progress: RunProgress, separated: Separated | TrackOutcome) -> TrackOutcome:
@@ -40,8 +41,14 @@ def _conclude(pipeline: TrackPipeline, progress: RunProgress, separated: Separat
         if outcome.status == "failed":
             logger.warning("%s failed at %s: %s", outcome.source, outcome.error_step, outcome.error)
     except Exception as exc:  # noqa: BLE001 - e.g. the catalog write itself failed; keep going
-        outcome = TrackOutcome(source=label, status="failed", error=f"{type(exc).__name__}: {exc}",
-                               error_step="catalog", started_at=now(), finished_at=now())
+        outcome = TrackOutcome(
+            source=label,
+            status="failed",
+            error=f"{type(exc).__name__}: {exc}",
+            error_step="catalog",
+            started_at=now(),
+            finished_at=now(),
+        )
         logger.error("%s could not be processed or recorded: %s", outcome.source, outcome.error)
     progress.track_done()
     return outcome
@@ -49,9 +56,14 @@ def _conclude(pipeline: TrackPipeline, progress: RunProgress, separated: Separat
 
 # The docstring's Args are the field descriptions in the Prefect UI's run form.
 @flow(name="separate-library", persist_result=False)
-def separate_library(sources: Sources, separation: SeparationSettings = SeparationSettings(),
-                     output: OutputSettings = OutputSettings(), limits: Limits = Limits(),
-                     catalog: str | None = None, work_root: str | None = None) -> LibrarySummary:
+def separate_library(
+    sources: Sources,
+    separation: SeparationSettings = SeparationSettings(),
+    output: OutputSettings = OutputSettings(),
+    limits: Limits = Limits(),
+    catalog: str | None = None,
+    work_root: str | None = None,
+) -> LibrarySummary:
     """Separate every track found in `sources` (files, folders, globs, URLs) and record the run.
 
     Args:
@@ -68,11 +80,17 @@ def separate_library(sources: Sources, separation: SeparationSettings = Separati
     logger = get_run_logger()
     catalog_path = str(catalog or default_catalog_path())
     store = Catalog(catalog_path)
-    context = RunContext(run_id=uuid.uuid4().hex, separation=separation, output=output, limits=limits,
-                         work_root=work_root or default_work_root())
+    context = RunContext(
+        run_id=uuid.uuid4().hex,
+        separation=separation,
+        output=output,
+        limits=limits,
+        work_root=work_root or default_work_root(),
+    )
     _, model, device = load_model(separation)  # fails the run early on a bad model or device
-    record = run_record(context, flow_name="separate-library", sources=sources, model_signature=model.signature,
-                        device=device)
+    record = run_record(
+        context, flow_name="separate-library", sources=sources, model_signature=model.signature, device=device
+    )
     store.start_run(record)
     expanded = expand_sources(sources, limits.max_playlist_entries)
     logger.info("run %s: %d tracks from %d sources", context.run_id, len(expanded.tracks), len(sources))
@@ -84,12 +102,23 @@ def separate_library(sources: Sources, separation: SeparationSettings = Separati
     outcomes = [conclude(_unexpandable(source, reason)) for source, reason in expanded.problems]
     # Three tracks in flight: the next is fetched and decoded (leaving the catalog alone), this one
     # separates, the previous one is scored, published and recorded.
-    outcomes += overlapped(expanded.tracks, prepare=partial(pipeline.prepare, ask_catalog=False),
-                           work=pipeline.separate, finish=conclude)
+    outcomes += overlapped(
+        expanded.tracks, prepare=partial(pipeline.prepare, ask_catalog=False), work=pipeline.separate, finish=conclude
+    )
     store.finish_run(run_summary(context.run_id, outcomes, "completed"))
-    summary = LibrarySummary(run_id=context.run_id, flow_run_id=record.flow_run_id, catalog=catalog_path,
-                             out=redact(normalise(output.out)), tracks=[TrackResult.of(o) for o in outcomes])
+    summary = LibrarySummary(
+        run_id=context.run_id,
+        flow_run_id=record.flow_run_id,
+        catalog=catalog_path,
+        out=redact(normalise(output.out)),
+        tracks=[TrackResult.of(o) for o in outcomes],
+    )
     publish_table(summary)
-    logger.info("run %s: %d succeeded, %d skipped, %d failed", context.run_id, summary.count("succeeded"),
-                summary.count("skipped"), summary.count("failed"))
+    logger.info(
+        "run %s: %d succeeded, %d skipped, %d failed",
+        context.run_id,
+        summary.count("succeeded"),
+        summary.count("skipped"),
+        summary.count("failed"),
+    )
     return summary

@@ -15,8 +15,16 @@ from prefect import runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from tasks.core.records import (AudioInfo, DecodedAudio, FetchedSource, PublishedTrack, RunContext, SeparatedStems,
-                                TrackQuality, TrackWork)
+from tasks.core.records import (
+    AudioInfo,
+    DecodedAudio,
+    FetchedSource,
+    PublishedTrack,
+    RunContext,
+    SeparatedStems,
+    TrackQuality,
+    TrackWork,
+)
 from tasks.core.settings import Limits, SeparationSettings
 from tasks.core.vocabulary import Step
 from tasks.engine.models import resolve_device
@@ -52,16 +60,25 @@ def _source_of(parameters: dict[str, Any]) -> str:
 
 def named_for_track(step: Step) -> Callable[[], str]:
     """Task runs named `<step> · <file>`: a library run's task list in the Prefect UI reads per track."""
+
     def name() -> str:
         source = _source_of(runtime.task_run.parameters)
         return f"{step} · {track_label(source)}" if source else step
+
     return name
 
 
 def _policy(step: Step, retries: int, delays: list[int] | int = 0) -> dict[str, Any]:
-    return {"name": step, "task_run_name": named_for_track(step), "cache_policy": NO_CACHE, "persist_result": False,
-            "retries": retries, "retry_delay_seconds": delays, "retry_condition_fn": retry_if_transient,
-            "retry_jitter_factor": 0.5}
+    return {
+        "name": step,
+        "task_run_name": named_for_track(step),
+        "cache_policy": NO_CACHE,
+        "persist_result": False,
+        "retries": retries,
+        "retry_delay_seconds": delays,
+        "retry_condition_fn": retry_if_transient,
+        "retry_jitter_factor": 0.5,
+    }
 
 
 # Storage and network I/O: retried three times with growing delays (plus the store clients' own retries).
@@ -115,7 +132,15 @@ def score(track: TrackWork, separated: SeparatedStems) -> TrackQuality:
 @task(**_policy("publish", retries=3, delays=IO_RETRY_DELAYS_S))
 def publish(track: TrackWork, separated: SeparatedStems, quality: TrackQuality, context: RunContext) -> PublishedTrack:
     files = publish_step.encode_stems(separated, context.output, track.work_dir)
-    manifest = publish_step.build_manifest(key=track.job_key, run_id=context.run_id, fetched=track.fetched,
-                                           info=track.info, separated=separated, quality=quality,
-                                           separation=context.separation, output=context.output, files=files)
+    manifest = publish_step.build_manifest(
+        key=track.job_key,
+        run_id=context.run_id,
+        fetched=track.fetched,
+        info=track.info,
+        separated=separated,
+        quality=quality,
+        separation=context.separation,
+        output=context.output,
+        files=files,
+    )
     return publish_step.publish(out=context.output.out, folder=track.folder, manifest=manifest, files=files)

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError as SettingsError
 from rich.console import Console
@@ -18,13 +19,26 @@ from rich.table import Table
 from flows.cli.options import Renamed, add_settings_options, settings_from, settings_message
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 
+if TYPE_CHECKING:  # imported for real only by the commands that run flows: `--help` stays fast
+    from flows.pipeline.runs import LibrarySummary
+
 EXIT_OK, EXIT_TRACK_FAILED, EXIT_USAGE = 0, 1, 2
 # Settings fields a command-line run does not offer (the GPU slot limit is a deployment concern).
 CLI_SKIPS = frozenset({"gpu_slot_limit"})
 RENAMED = {"max_file_bytes": Renamed(flag="--max-file-mb", metavar="MB", scale=1024 * 1024, unit=" MiB")}
-METAVARS = {"out": "URL", "model": "NAME", "model_repo": "DIR", "two_stems": "STEM", "segment": "SECONDS",
-            "overlap": "F", "mp3_bitrate": "KBPS", "max_seconds": "S", "min_seconds": "S", "min_sample_rate": "HZ",
-            "max_sample_rate": "HZ"}
+METAVARS = {
+    "out": "URL",
+    "model": "NAME",
+    "model_repo": "DIR",
+    "two_stems": "STEM",
+    "segment": "SECONDS",
+    "overlap": "F",
+    "mp3_bitrate": "KBPS",
+    "max_seconds": "S",
+    "min_seconds": "S",
+    "min_sample_rate": "HZ",
+    "max_sample_rate": "HZ",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sep = commands.add_parser("separate", help="separate files, folders, globs or URLs into stems")
-    sep.add_argument("sources", nargs="+", metavar="SOURCE",
-                     help="audio files, folders (scanned recursively), globs, s3:// prefixes or http(s) URLs")
+    sep.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="audio files, folders (scanned recursively), globs, s3:// prefixes or http(s) URLs",
+    )
     add_settings_options(sep, OutputSettings, metavars=METAVARS)
     add_settings_options(sep, SeparationSettings, skip=CLI_SKIPS, metavars=METAVARS)
     add_settings_options(sep, Limits, renamed=RENAMED, metavars=METAVARS)
-    sep.add_argument("--catalog", metavar="PATH", help="DuckDB catalog file (default $STEMWORKS_CATALOG or ./stemworks.duckdb)")
-    sep.add_argument("--work-dir", metavar="DIR", help="scratch space for intermediate audio "
-                                                      "(default $STEMWORKS_WORK_DIR or the system temp folder)")
+    sep.add_argument(
+        "--catalog", metavar="PATH", help="DuckDB catalog file (default $STEMWORKS_CATALOG or ./stemworks.duckdb)"
+    )
+    sep.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="scratch space for intermediate audio (default $STEMWORKS_WORK_DIR or the system temp folder)",
+    )
     sep.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs on the console")
 
     cat = commands.add_parser("catalog", help="query the catalog")
@@ -105,8 +128,11 @@ def _short(source: str, width: int = 40) -> str:
 
 
 def _settings(args: argparse.Namespace) -> tuple[SeparationSettings, OutputSettings, Limits]:
-    return (settings_from(args, SeparationSettings), settings_from(args, OutputSettings),
-            settings_from(args, Limits, renamed=RENAMED))
+    return (
+        settings_from(args, SeparationSettings),
+        settings_from(args, OutputSettings),
+        settings_from(args, Limits, renamed=RENAMED),
+    )
 
 
 def run_separate(args: argparse.Namespace, console: Console) -> int:
@@ -125,10 +151,15 @@ def run_separate(args: argparse.Namespace, console: Console) -> int:
 
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, transient=True) as progress, \
-                reporting_to(RichReporter(progress)):
-            summary = separate_library(args.sources, separation=separation, output=output, limits=limits,
-                                       catalog=args.catalog, work_root=args.work_dir)
+        with Progress(*columns, console=console, transient=True) as progress, reporting_to(RichReporter(progress)):
+            summary = separate_library(
+                args.sources,
+                separation=separation,
+                output=output,
+                limits=limits,
+                catalog=args.catalog,
+                work_root=args.work_dir,
+            )
     except ConfigurationError as exc:
         console.print(f"[red]stemworks: {exc}[/red]")
         return EXIT_USAGE
@@ -136,15 +167,20 @@ def run_separate(args: argparse.Namespace, console: Console) -> int:
     return EXIT_TRACK_FAILED if summary.count("failed") else EXIT_OK
 
 
-def print_summary(summary, console: Console) -> None:
-    console.print(f"[bold]{summary.count('succeeded')} succeeded, {summary.count('skipped')} skipped, "
-                  f"{summary.count('failed')} failed[/bold] (run {summary.run_id})")
+def print_summary(summary: LibrarySummary, console: Console) -> None:
+    console.print(
+        f"[bold]{summary.count('succeeded')} succeeded, {summary.count('skipped')} skipped, "
+        f"{summary.count('failed')} failed[/bold] (run {summary.run_id})"
+    )
     console.print(f"stems:   {summary.out}")
     console.print(f"catalog: {Path(summary.catalog).resolve()}")
     for track in summary.tracks:
         if track.status == "failed":
-            console.print(f"[red]FAILED[/red] {track.source}: {track.error} [dim](step: {track.error_step})[/dim]",
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"[red]FAILED[/red] {track.source}: {track.error} [dim](step: {track.error_step})[/dim]",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def _existing_catalog(args: argparse.Namespace, console: Console) -> Path | None:
@@ -187,8 +223,10 @@ def run_rebuild(args: argparse.Namespace, console: Console) -> int:
         console.print(f"previous catalog kept as {report.moved_aside}", highlight=False)
     for uri, why in report.skipped:
         console.print(f"[yellow]skipped[/yellow] {uri}: {why}", highlight=False)
-    console.print(f"rebuilt {report.catalog} from {report.out}: {report.runs} runs, {report.tracks} tracks, "
-                  f"{report.stems} stems", highlight=False)
+    console.print(
+        f"rebuilt {report.catalog} from {report.out}: {report.runs} runs, {report.tracks} tracks, {report.stems} stems",
+        highlight=False,
+    )
     return EXIT_OK
 
 
@@ -209,7 +247,7 @@ def run_query(args: argparse.Namespace, console: Console) -> int:
         writer.writerow(columns)
         writer.writerows(rows)
     elif args.format == "json":
-        print(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2))
+        print(json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str, indent=2))
     else:
         table = Table(*columns)
         for row in rows:

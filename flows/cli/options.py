@@ -52,9 +52,14 @@ def _default_text(field: FieldInfo, rename: Renamed | None) -> str:
     return f" (default {value})"
 
 
-def add_settings_options(parser: argparse.ArgumentParser | Any, model: type[BaseModel], *,
-                         skip: frozenset[str] = frozenset(), renamed: dict[str, Renamed] | None = None,
-                         metavars: dict[str, str] | None = None) -> None:
+def add_settings_options(
+    parser: argparse.ArgumentParser | Any,
+    model: type[BaseModel],
+    *,
+    skip: frozenset[str] = frozenset(),
+    renamed: dict[str, Renamed] | None = None,
+    metavars: dict[str, str] | None = None,
+) -> None:
     """One option per field of `model` (except `skip`), typed and described from the field."""
     renamed, metavars = renamed or {}, metavars or {}
     for name, field in model.model_fields.items():
@@ -62,21 +67,27 @@ def add_settings_options(parser: argparse.ArgumentParser | Any, model: type[Base
             continue
         annotation = _plain(field.annotation)
         rename = renamed.get(name)
-        options: dict[str, Any] = {"dest": name, "default": None,
-                                   "help": (field.description or field.title or name) + _default_text(field, rename)}
+        options: dict[str, Any] = {
+            "dest": name,
+            "default": None,
+            "help": (field.description or field.title or name) + _default_text(field, rename),
+        }
         if get_origin(annotation) is Literal:
             choices = list(get_args(annotation))
             options.update(type=type(choices[0]), choices=choices)
         elif annotation in (int, float):
-            options.update(type=float if rename is not None else annotation,
-                           metavar=rename.metavar if rename else metavars.get(name, "N" if annotation is int else "X"))
+            options.update(
+                type=float if rename is not None else annotation,
+                metavar=rename.metavar if rename else metavars.get(name, "N" if annotation is int else "X"),
+            )
         else:
             options.update(metavar=metavars.get(name, name.upper()))
         parser.add_argument(flag(name, renamed), **options)
 
 
-def settings_from(args: argparse.Namespace, model: type[BaseModel], *,
-                  renamed: dict[str, Renamed] | None = None, **fixed: Any) -> Any:
+def settings_from(
+    args: argparse.Namespace, model: type[BaseModel], *, renamed: dict[str, Renamed] | None = None, **fixed: Any
+) -> Any:
     """Build `model` from the options the user gave (plus `fixed` values); pydantic validates it."""
     renamed = renamed or {}
     values: dict[str, Any] = dict(fixed)

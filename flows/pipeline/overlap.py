@@ -23,8 +23,12 @@ def _submit(pool: ThreadPoolExecutor, job: Callable[..., Any], *args: Any) -> Fu
     return pool.submit(contextvars.copy_context().run, job, *args)
 
 
-def overlapped(items: Sequence[Item], prepare: Callable[[Item], Prepared], work: Callable[[Prepared], Worked],
-               finish: Callable[[Worked], Finished]) -> list[Finished]:
+def overlapped(
+    items: Sequence[Item],
+    prepare: Callable[[Item], Prepared],
+    work: Callable[[Prepared], Worked],
+    finish: Callable[[Worked], Finished],
+) -> list[Finished]:
     """`finish(work(prepare(item)))` for every item, in order, with the three stages overlapped.
 
     `prepare` runs one item ahead in a background thread, `work` runs in the caller's thread, and
@@ -32,8 +36,10 @@ def overlapped(items: Sequence[Item], prepare: Callable[[Item], Prepared], work:
     next finish is submitted only once the previous one is done). None of the three may raise for
     a bad item (they return an outcome instead); if one does, the error surfaces here.
     """
-    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer, \
-            ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="prepare") as preparer,
+        ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher,
+    ):
         ahead: Future[Prepared] | None = _submit(preparer, prepare, items[0]) if items else None
         finishing: list[Future[Finished]] = []
         for index in range(len(items)):

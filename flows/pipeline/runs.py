@@ -14,26 +14,44 @@ from tasks.core.vocabulary import FinishedRunStatus, Stage, TrackStatus
 from tasks.io.locations import normalise, redact
 
 
-def run_record(context: RunContext, *, flow_name: str, sources: list[str], model_signature: str | None,
-               device: str | None) -> RunRecord:
+def run_record(
+    context: RunContext, *, flow_name: str, sources: list[str], model_signature: str | None, device: str | None
+) -> RunRecord:
     output = context.output
     return RunRecord(
-        run_id=context.run_id, flow_run_id=flow_run_id(), flow_name=flow_name, started_at=now(),
-        parameters={"separation": context.separation.model_dump(),
-                    "output": output.model_dump() | {"out": redact(output.out)},
-                    "limits": context.limits.model_dump()},
-        sources=[redact(s) for s in sources], out=redact(normalise(output.out)), model_name=context.separation.model,
-        model_signature=model_signature, device=device, code_version=code_version(), hostname=socket.gethostname())
+        run_id=context.run_id,
+        flow_run_id=flow_run_id(),
+        flow_name=flow_name,
+        started_at=now(),
+        parameters={
+            "separation": context.separation.model_dump(),
+            "output": output.model_dump() | {"out": redact(output.out)},
+            "limits": context.limits.model_dump(),
+        },
+        sources=[redact(s) for s in sources],
+        out=redact(normalise(output.out)),
+        model_name=context.separation.model,
+        model_signature=model_signature,
+        device=device,
+        code_version=code_version(),
+        hostname=socket.gethostname(),
+    )
 
 
 def run_summary(run_id: str, outcomes: Sequence[TrackOutcome], status: FinishedRunStatus) -> RunSummary:
     def count(wanted: TrackStatus) -> int:
         return sum(1 for outcome in outcomes if outcome.status == wanted)
 
-    return RunSummary(run_id=run_id, finished_at=now(), status=status, tracks_total=len(outcomes),
-                      tracks_succeeded=count("succeeded"), tracks_failed=count("failed"),
-                      tracks_skipped=count("skipped"),
-                      audio_seconds=sum(o.audio_seconds or 0.0 for o in outcomes if o.status == "succeeded"))
+    return RunSummary(
+        run_id=run_id,
+        finished_at=now(),
+        status=status,
+        tracks_total=len(outcomes),
+        tracks_succeeded=count("succeeded"),
+        tracks_failed=count("failed"),
+        tracks_skipped=count("skipped"),
+        audio_seconds=sum(o.audio_seconds or 0.0 for o in outcomes if o.status == "succeeded"),
+    )
 
 
 class TrackResult(Record):
@@ -50,9 +68,15 @@ class TrackResult(Record):
     @classmethod
     def of(cls, outcome: TrackOutcome) -> TrackResult:
         published = outcome.published
-        return cls(source=outcome.source, status=outcome.status, error=outcome.error, error_step=outcome.error_step,
-                   audio_seconds=outcome.audio_seconds, manifest_uri=published.manifest_uri if published else None,
-                   stems=[s.stem for s in published.stems] if published else [])
+        return cls(
+            source=outcome.source,
+            status=outcome.status,
+            error=outcome.error,
+            error_step=outcome.error_step,
+            audio_seconds=outcome.audio_seconds,
+            manifest_uri=published.manifest_uri if published else None,
+            stems=[s.stem for s in published.stems] if published else [],
+        )
 
 
 class LibrarySummary(Record):

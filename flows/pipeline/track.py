@@ -13,17 +13,26 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import runtime
+from pydantic import Field
 
 from catalog import Catalog
 from tasks import prefect_tasks as steps
 from tasks.core.errors import StemworksError
 from tasks.core.progress import reporter
-from tasks.core.records import (AudioInfo, PublishedTrack, Record, RunContext, SeparatedStems, TrackOutcome,
-                                TrackQuality, TrackWork)
+from tasks.core.records import (
+    AudioInfo,
+    PublishedTrack,
+    Record,
+    RunContext,
+    SeparatedStems,
+    TrackOutcome,
+    TrackQuality,
+    TrackWork,
+)
 from tasks.core.settings import job_key
 from tasks.core.vocabulary import Stage, Step, TrackStatus
 from tasks.engine.models import load_model, precision_for
@@ -33,7 +42,7 @@ from tasks.steps.publish import track_folder
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def flow_run_id() -> str | None:
@@ -52,7 +61,7 @@ class TrackFacts(Record):
 
     content_sha256: str | None = None
     job_key: str | None = None
-    origin: dict[str, str | None] = {}
+    origin: dict[str, str | None] = Field(default_factory=dict)
     info: AudioInfo | None = None
     audio_seconds: float | None = None
 
@@ -84,18 +93,37 @@ class TrackLog:
     def learn(self, **facts: object) -> None:
         self.facts = self.facts.model_copy(update=facts)
 
-    def outcome(self, status: TrackStatus, *, error: str | None = None, error_step: Stage | None = None,
-                quality: TrackQuality | None = None, published: PublishedTrack | None = None) -> TrackOutcome:
+    def outcome(
+        self,
+        status: TrackStatus,
+        *,
+        error: str | None = None,
+        error_step: Stage | None = None,
+        quality: TrackQuality | None = None,
+        published: PublishedTrack | None = None,
+    ) -> TrackOutcome:
         facts = self.facts
-        return TrackOutcome(source=self.label, status=status, error=error, error_step=error_step,
-                            started_at=self.started_at, finished_at=now(), step_seconds=dict(self.seconds),
-                            content_sha256=facts.content_sha256, job_key=facts.job_key, origin=facts.origin,
-                            info=facts.info, audio_seconds=facts.audio_seconds, quality=quality,
-                            published=published)
+        return TrackOutcome(
+            source=self.label,
+            status=status,
+            error=error,
+            error_step=error_step,
+            started_at=self.started_at,
+            finished_at=now(),
+            step_seconds=dict(self.seconds),
+            content_sha256=facts.content_sha256,
+            job_key=facts.job_key,
+            origin=facts.origin,
+            info=facts.info,
+            audio_seconds=facts.audio_seconds,
+            quality=quality,
+            published=published,
+        )
 
     def skipped(self, manifest: str) -> TrackOutcome:
-        return self.outcome("skipped", published=PublishedTrack(manifest_uri=manifest,
-                                                                track_uri=manifest.rsplit("/", 1)[0], stems=[]))
+        return self.outcome(
+            "skipped", published=PublishedTrack(manifest_uri=manifest, track_uri=manifest.rsplit("/", 1)[0], stems=[])
+        )
 
     def failed(self, exc: BaseException) -> TrackOutcome:
         step: Stage = exc.step if isinstance(exc, StemworksError) else (self.current or "unknown")
@@ -154,8 +182,9 @@ class TrackPipeline:
             log.learn(content_sha256=fetched.content_sha256, origin=fetched.origin)
             separation, output = self.context.separation, self.context.output
             _, model, device = load_model(separation)
-            key = job_key(fetched.content_sha256, model.signature, separation, output,
-                          precision=precision_for(separation, device))
+            key = job_key(
+                fetched.content_sha256, model.signature, separation, output, precision=precision_for(separation, device)
+            )
             log.learn(job_key=key)
             folder = track_folder(source, key, title=fetched.origin.get("title"))
             existing = self.existing_manifest(folder, key, ask_catalog=ask_catalog)
@@ -168,8 +197,18 @@ class TrackPipeline:
             with log.step("decode"):
                 decoded = steps.decode(fetched, info, model.sample_rate, limits, str(work_dir))
             log.learn(audio_seconds=decoded.seconds)
-            return Prepared(log, TrackWork(source=log.label, work_dir=str(work_dir), job_key=key, folder=folder,
-                                           fetched=fetched, info=info, decoded=decoded))
+            return Prepared(
+                log,
+                TrackWork(
+                    source=log.label,
+                    work_dir=str(work_dir),
+                    job_key=key,
+                    folder=folder,
+                    fetched=fetched,
+                    info=info,
+                    decoded=decoded,
+                ),
+            )
         except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
             shutil.rmtree(work_dir, ignore_errors=True)
             return Prepared(log, log.failed(exc))

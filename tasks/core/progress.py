@@ -28,7 +28,8 @@ class _Silent:
     def track_finished(self, source: str, status: str) -> None: ...
 
 
-_reporter: ContextVar[ProgressReporter] = ContextVar("stemworks_progress", default=_Silent())
+_SILENT = _Silent()  # stateless: one instance serves every context
+_reporter: ContextVar[ProgressReporter] = ContextVar("stemworks_progress", default=_SILENT)
 
 
 def reporter() -> ProgressReporter:

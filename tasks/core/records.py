@@ -19,8 +19,9 @@ class FetchedSource(Record):
     local_path: str = Field(description="Copy of the bytes in the run's work area.")
     content_sha256: str
     size_bytes: int
-    origin: dict[str, str | None] = Field(default_factory=dict,
-                                          description="Where the bytes came from (URL, extractor, title...).")
+    origin: dict[str, str | None] = Field(
+        default_factory=dict, description="Where the bytes came from (URL, extractor, title...)."
+    )
 
 
 class AudioInfo(Record):

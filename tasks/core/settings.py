@@ -19,8 +19,16 @@ AudioFormat = Literal["wav", "flac", "mp3"]
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 BitDepth = Literal[16, 24, 32]
 # Offered as examples in the run form; not an enum, because a local model repository may hold any name.
-PRETRAINED_MODELS = ("htdemucs", "htdemucs_ft", "htdemucs_6s", "hdemucs_mmi", "mdx", "mdx_extra", "mdx_q",
-                     "mdx_extra_q")
+PRETRAINED_MODELS = (
+    "htdemucs",
+    "htdemucs_ft",
+    "htdemucs_6s",
+    "hdemucs_mmi",
+    "mdx",
+    "mdx_extra",
+    "mdx_q",
+    "mdx_extra_q",
+)
 
 
 class Limits(BaseModel):
@@ -28,20 +36,41 @@ class Limits(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_file_bytes: int = Field(4 * GiB, gt=0, title="Max file size (bytes)",
-                                description="Larger sources fail validation without being decoded.")
-    max_seconds: float = Field(4 * 3600.0, gt=0, title="Max duration (s)",
-                               description="Longer sources fail; enforced on the decoded samples too, not only the header.")
-    min_seconds: float = Field(0.1, ge=0, title="Min duration (s)",
-                               description="Shorter sources fail as empty.")
-    min_sample_rate: int = Field(8000, gt=0, title="Min sample rate (Hz)",
-                                 description="Sources at a lower sample rate fail; others are resampled to the model's.")
-    max_sample_rate: int = Field(384000, gt=0, title="Max sample rate (Hz)",
-                                 description="Sources at a higher sample rate fail.")
-    max_channels: int = Field(8, ge=1, title="Max channels",
-                              description="Sources with more channels fail; others are down- or up-mixed to stereo.")
-    max_playlist_entries: int = Field(50, ge=1, le=10000, title="Max playlist entries",
-                                      description="A playlist URL expands to at most this many tracks.")
+    max_file_bytes: int = Field(
+        4 * GiB,
+        gt=0,
+        title="Max file size (bytes)",
+        description="Larger sources fail validation without being decoded.",
+    )
+    max_seconds: float = Field(
+        4 * 3600.0,
+        gt=0,
+        title="Max duration (s)",
+        description="Longer sources fail; enforced on the decoded samples too, not only the header.",
+    )
+    min_seconds: float = Field(0.1, ge=0, title="Min duration (s)", description="Shorter sources fail as empty.")
+    min_sample_rate: int = Field(
+        8000,
+        gt=0,
+        title="Min sample rate (Hz)",
+        description="Sources at a lower sample rate fail; others are resampled to the model's.",
+    )
+    max_sample_rate: int = Field(
+        384000, gt=0, title="Max sample rate (Hz)", description="Sources at a higher sample rate fail."
+    )
+    max_channels: int = Field(
+        8,
+        ge=1,
+        title="Max channels",
+        description="Sources with more channels fail; others are down- or up-mixed to stereo.",
+    )
+    max_playlist_entries: int = Field(
+        50,
+        ge=1,
+        le=10000,
+        title="Max playlist entries",
+        description="A playlist URL expands to at most this many tracks.",
+    )
 
 
 class SeparationSettings(BaseModel):
@@ -49,30 +78,55 @@ class SeparationSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field("htdemucs", min_length=1, title="Model",
-                       description="Demucs model name or signature, e.g. htdemucs, htdemucs_ft, mdx_extra; "
-                                   "any name found in the local model repository also works.",
-                       examples=list(PRETRAINED_MODELS))
-    model_repo: str | None = Field(None, title="Local model repository",
-                                   description="Folder of Demucs model files (NAME-SHA8.th files, NAME.yaml bags) for offline use; "
-                                               "unset fetches from the Demucs hub and caches.")
+    model: str = Field(
+        "htdemucs",
+        min_length=1,
+        title="Model",
+        description="Demucs model name or signature, e.g. htdemucs, htdemucs_ft, mdx_extra; "
+        "any name found in the local model repository also works.",
+        examples=list(PRETRAINED_MODELS),
+    )
+    model_repo: str | None = Field(
+        None,
+        title="Local model repository",
+        description="Folder of Demucs model files (NAME-SHA8.th files, NAME.yaml bags) for offline use; "
+        "unset fetches from the Demucs hub and caches.",
+    )
     device: Device = Field("auto", title="Device", description="auto picks CUDA when present, else CPU.")
-    shifts: int = Field(1, ge=0, le=20, title="Shifts",
-                        description="Random time shifts averaged per prediction (0 = deterministic, faster).")
+    shifts: int = Field(
+        1,
+        ge=0,
+        le=20,
+        title="Shifts",
+        description="Random time shifts averaged per prediction (0 = deterministic, faster).",
+    )
     overlap: float = Field(0.25, ge=0.0, lt=1.0, title="Overlap", description="Overlap between model segments.")
-    segment: float | None = Field(None, gt=0, title="Segment (s)",
-                                  description="Segment length override; unset uses the model's own.")
-    two_stems: str | None = Field(None, title="Two stems",
-                                  description="Keep one stem and its complement (e.g. vocals -> vocals + no_vocals).")
+    segment: float | None = Field(
+        None, gt=0, title="Segment (s)", description="Segment length override; unset uses the model's own."
+    )
+    two_stems: str | None = Field(
+        None, title="Two stems", description="Keep one stem and its complement (e.g. vocals -> vocals + no_vocals)."
+    )
     gpu_slot_limit: str | None = Field(
-        "gpu-slots", min_length=1, title="GPU slot limit",
+        "gpu-slots",
+        min_length=1,
+        title="GPU slot limit",
         description="Prefect global concurrency limit held around the separate step on CUDA (one slot per GPU); "
-                    "a missing limit is skipped with a warning; unset never throttles.")
-    precision: PrecisionChoice = Field("auto", title="Precision",
-                                       description="Model arithmetic: auto = fp32 on CPU, bf16 (fp16 where bf16 is "
-                                                   "unsupported) on GPU. Reduced precision changes the output slightly.")
-    batch_size: int | None = Field(None, ge=1, le=512, title="Batch size",
-                                   description="Segments per model call; unset: 1 on CPU, from free memory on GPU.")
+        "a missing limit is skipped with a warning; unset never throttles.",
+    )
+    precision: PrecisionChoice = Field(
+        "auto",
+        title="Precision",
+        description="Model arithmetic: auto = fp32 on CPU, bf16 (fp16 where bf16 is "
+        "unsupported) on GPU. Reduced precision changes the output slightly.",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        title="Batch size",
+        description="Segments per model call; unset: 1 on CPU, from free memory on GPU.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -87,21 +141,32 @@ class OutputSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    out: str = Field("./separated", min_length=1, title="Output location",
-                     description="Local folder or fsspec URL (s3://bucket/prefix) that receives one folder per track.")
+    out: str = Field(
+        "./separated",
+        min_length=1,
+        title="Output location",
+        description="Local folder or fsspec URL (s3://bucket/prefix) that receives one folder per track.",
+    )
     format: AudioFormat = Field("wav", title="Format", description="Container and codec of the stem files.")
-    bit_depth: BitDepth = Field(16, title="Bit depth", description="wav: 16/24-bit integer or 32-bit float; flac: 16/24.")
+    bit_depth: BitDepth = Field(
+        16, title="Bit depth", description="wav: 16/24-bit integer or 32-bit float; flac: 16/24."
+    )
     mp3_bitrate: int = Field(320, ge=64, le=320, title="MP3 bitrate (kbit/s)", description="Used when format is mp3.")
 
     @model_validator(mode="after")
-    def _format_supports_bit_depth(self) -> "OutputSettings":
+    def _format_supports_bit_depth(self) -> OutputSettings:
         if self.format == "flac" and self.bit_depth == 32:
             raise ValueError("flac stores 16 or 24 bits; use wav for 32-bit float")
         return self
 
 
-def job_key(content_sha256: str, model_signature: str, separation: SeparationSettings,
-            output: OutputSettings, precision: str = "fp32") -> str:
+def job_key(
+    content_sha256: str,
+    model_signature: str,
+    separation: SeparationSettings,
+    output: OutputSettings,
+    precision: str = "fp32",
+) -> str:
     """Identity of one piece of work: same bytes, same model weights, same output-shaping settings.
 
     File names, locations and the device do not take part, so renamed or moved files are

@@ -12,10 +12,10 @@ from typing import Literal, get_args
 Step = Literal["fetch", "validate", "decode", "separate", "score", "publish"]
 # Where else a track or a run can fail: before any track (setup), while listing sources (expand),
 # while recording (catalog), or somewhere no step claims (unknown).
-Stage = Literal[Literal["setup", "expand"], Step, Literal["catalog", "unknown"]]
+Stage = Literal["setup", "expand", Step, "catalog", "unknown"]
 TrackStatus = Literal["succeeded", "failed", "skipped"]
 FinishedRunStatus = Literal["completed", "failed"]
-RunStatus = Literal[Literal["running"], FinishedRunStatus]
+RunStatus = Literal["running", FinishedRunStatus]
 
 STEPS: tuple[Step, ...] = get_args(Step)
 STAGES: tuple[Stage, ...] = get_args(Stage)

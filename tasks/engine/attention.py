@@ -25,21 +25,45 @@ class FusedAttention(nn.MultiheadAttention):
     for, key padding masks, causal masks, separate key/value dimensions, bias_k/bias_v, zero attention.
     """
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
-                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if (self.training or need_weights or key_padding_mask is not None or is_causal or not self.batch_first
-                or not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn):
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-                                   is_causal=is_causal)
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if (
+            self.training
+            or need_weights
+            or key_padding_mask is not None
+            or is_causal
+            or not self.batch_first
+            or not self._qkv_same_embed_dim
+            or self.bias_k is not None
+            or self.add_zero_attn
+        ):
+            return super().forward(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
         batch, length, width = query.shape
         heads = self.num_heads
         weights = self.in_proj_weight.chunk(3)
         biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q, k, v = (F.linear(x, w, b).view(batch, x.shape[1], heads, width // heads).transpose(1, 2)
-                   for x, w, b in zip((query, key, value), weights, biases))
+        q, k, v = (
+            F.linear(x, w, b).view(batch, x.shape[1], heads, width // heads).transpose(1, 2)
+            for x, w, b in zip((query, key, value), weights, biases, strict=True)
+        )
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask  # True means "masked out" here, "may attend" for the fused kernel
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

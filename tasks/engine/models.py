@@ -16,7 +16,7 @@ from demucs.repo import ModelLoadingError
 from tasks.core.errors import ConfigurationError
 from tasks.core.records import ModelInfo
 from tasks.core.settings import SeparationSettings
-from tasks.engine.overlap_add import EngineOptions, Precision, resolve_precision
+from tasks.engine.overlap_add import DemucsModel, EngineOptions, Precision, resolve_precision
 
 
 def resolve_device(requested: str) -> str:
@@ -28,7 +28,7 @@ def resolve_device(requested: str) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _load(name: str, repo: str | None, device: str) -> tuple[torch.nn.Module, ModelInfo]:
+def _load(name: str, repo: str | None, device: str) -> tuple[DemucsModel, ModelInfo]:
     # Cached per process: a worker keeps one model on its device across all the tracks it serves.
     if repo is not None and not Path(repo).is_dir():
         raise ConfigurationError(f"model repository {repo} is not a directory")
@@ -42,12 +42,17 @@ def _load(name: str, repo: str | None, device: str) -> tuple[torch.nn.Module, Mo
     except OSError as exc:
         raise ConfigurationError(f"could not download model '{name}': {exc}", retryable=True) from None
     model.to(device).eval()
-    info = ModelInfo(name=name, signature=model_signature(model), sources=list(model.sources),
-                     sample_rate=int(model.samplerate), audio_channels=int(model.audio_channels))
+    info = ModelInfo(
+        name=name,
+        signature=model_signature(model),
+        sources=list(model.sources),
+        sample_rate=int(model.samplerate),
+        audio_channels=int(model.audio_channels),
+    )
     return model, info
 
 
-def load_model(settings: SeparationSettings) -> tuple[torch.nn.Module, ModelInfo, str]:
+def load_model(settings: SeparationSettings) -> tuple[DemucsModel, ModelInfo, str]:
     """Return the (cached) model, its description and the device it lives on."""
     device = resolve_device(settings.device)
     model, info = _load(settings.model, settings.model_repo, device)
@@ -55,7 +60,7 @@ def load_model(settings: SeparationSettings) -> tuple[torch.nn.Module, ModelInfo
     return model, info, device
 
 
-def model_signature(model: torch.nn.Module) -> str:
+def model_signature(model: DemucsModel) -> str:
     """sha256 over architecture and weights, so any change of weights changes the job key."""
     digest = hashlib.sha256()
     members = model.models if isinstance(model, BagOfModels) else [model]
@@ -72,7 +77,8 @@ def model_signature(model: torch.nn.Module) -> str:
 def _check_two_stems(settings: SeparationSettings, info: ModelInfo) -> None:
     if settings.two_stems is not None and settings.two_stems not in info.sources:
         raise ConfigurationError(
-            f"two_stems '{settings.two_stems}' is not a source of model '{info.name}' ({', '.join(info.sources)})")
+            f"two_stems '{settings.two_stems}' is not a source of model '{info.name}' ({', '.join(info.sources)})"
+        )
 
 
 def precision_for(settings: SeparationSettings, device: str) -> Precision:
@@ -81,6 +87,11 @@ def precision_for(settings: SeparationSettings, device: str) -> Precision:
 
 
 def engine_options(settings: SeparationSettings, device: str) -> EngineOptions:
-    return EngineOptions(shifts=settings.shifts, overlap=settings.overlap, segment=settings.segment,
-                         two_stems=settings.two_stems, precision=precision_for(settings, device),
-                         batch_size=settings.batch_size)
+    return EngineOptions(
+        shifts=settings.shifts,
+        overlap=settings.overlap,
+        segment=settings.segment,
+        two_stems=settings.two_stems,
+        precision=precision_for(settings, device),
+        batch_size=settings.batch_size,
+    )

@@ -11,7 +11,7 @@ per-source weights) with differences that change the result by float rounding on
   as soon as no later segment overlaps them, so memory is bounded by the batch, not the track;
 * on CUDA, inputs travel through pinned memory with asynchronous copies and the next batch is
   prepared while the current one runs; `precision` selects float32 or bf16/fp16 autocast;
-* attention runs through fused `scaled_dot_product_attention` kernels (tasks/attention.py).
+* attention runs through fused `scaled_dot_product_attention` kernels (tasks/engine/attention.py).
 """
 
 from __future__ import annotations
@@ -23,19 +23,30 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
 from demucs.apply import BagOfModels
+from demucs.apply import Model as SubModel
 from demucs.htdemucs import HTDemucs
 
-from tasks.engine.attention import fused_attention
 from tasks.core.errors import SeparationError
+from tasks.core.settings import PrecisionChoice
+from tasks.engine.attention import fused_attention
 from tasks.io.npyfile import NpyAudio, NpyOutput
 
 Precision = Literal["fp32", "bf16", "fp16"]
 ProgressFn = Callable[[str, float], None]
+# What `demucs.pretrained.get_model` returns: one model (Demucs, HDemucs, HTDemucs) or a bag of them.
+DemucsModel = BagOfModels | SubModel
+
+
+class RandInt(Protocol):
+    """The part of `random.Random` the plan uses; the `random` module itself qualifies."""
+
+    def randint(self, a: int, b: int) -> int: ...
+
 
 MAX_AUTO_BATCH = 64
 MAX_CPU_WORKERS = 4
@@ -67,10 +78,10 @@ def output_names(sources: list[str], two_stems: str | None) -> list[str]:
     return list(sources) if two_stems is None else [two_stems, f"no_{two_stems}"]
 
 
-def resolve_precision(requested: str, device: str) -> Precision:
+def resolve_precision(requested: PrecisionChoice, device: str) -> Precision:
     """`auto` means float32 on CPU and the fastest reduced precision the GPU supports."""
     if requested != "auto":
-        return requested  # type: ignore[return-value]
+        return requested
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
@@ -84,16 +95,19 @@ def autocast(device: torch.device, precision: Precision) -> AbstractContextManag
 
 def transition_weight(segment_length: int) -> np.ndarray:
     """Demucs's triangle, maximal mid-segment (transition_power 1)."""
-    ramp = np.concatenate([np.arange(1, segment_length // 2 + 1),
-                           np.arange(segment_length - segment_length // 2, 0, -1)]).astype(np.float32)
+    ramp = np.concatenate(
+        [np.arange(1, segment_length // 2 + 1), np.arange(segment_length - segment_length // 2, 0, -1)]
+    ).astype(np.float32)
     return ramp / ramp.max()
 
 
-def members(model: torch.nn.Module) -> tuple[list[torch.nn.Module], np.ndarray]:
+def members(model: DemucsModel) -> tuple[list[SubModel], np.ndarray]:
     """Sub-models and their per-source weights, normalised as apply_model does (weight / total)."""
     if isinstance(model, BagOfModels):
         weights = np.asarray(model.weights, dtype=np.float64)
-        return list(model.models), weights / weights.sum(axis=0, keepdims=True)
+        # A bag holds plain models (BagOfModels.__init__ takes a list of them); ModuleList types them as Module.
+        subs = cast(list[SubModel], list(model.models))
+        return subs, weights / weights.sum(axis=0, keepdims=True)
     return [model], np.ones((1, len(model.sources)))
 
 
@@ -148,16 +162,17 @@ class Segment:
         out = np.zeros((track.mixture.channels, self.input_length), dtype=np.float32)
         lo, hi = max(0, start), min(track.mixture.frames, start + self.input_length)
         if hi > lo:
-            out[:, lo - start:hi - start] = (track.mixture.read(lo, hi) - track.mean) / track.std
+            out[:, lo - start : hi - start] = (track.mixture.read(lo, hi) - track.mean) / track.std
         return out
 
 
-def _valid_length_fn(member: torch.nn.Module, segment: float | None) -> Callable[[int], int]:
+def _valid_length_fn(member: SubModel, segment: float | None) -> Callable[[int], int]:
     if isinstance(member, HTDemucs) and segment is not None:
         fixed = int(segment * member.samplerate)
         return lambda length: fixed
-    if hasattr(member, "valid_length"):
-        return member.valid_length
+    valid_length: Callable[[int], int] | None = getattr(member, "valid_length", None)  # HDemucs has none
+    if valid_length is not None:
+        return valid_length
     return lambda length: length
 
 
@@ -174,15 +189,18 @@ def mixture_stats(mixture: NpyAudio, window: int = 1 << 20) -> tuple[np.float32,
     return np.float32(mean), np.float32(math.sqrt(variance) + 1e-8)
 
 
-def plan_passes(model: torch.nn.Module, tracks: list[TrackState], options: EngineOptions,
-                rng: random.Random) -> list[Pass]:
+def plan_passes(model: DemucsModel, tracks: list[TrackState], options: EngineOptions, rng: RandInt) -> list[Pass]:
     """Passes in execution order: sub-model major, so a batch never mixes sub-models."""
     subs, coefs = members(model)
     shifts = max(1, options.shifts)
     # Offsets are drawn up front in apply_model's order (track, sub-model, shift). They cannot match
     # the CLI's for a given seed: HTDemucs's forward also draws from `random`, once per call.
-    drawn = {(t, m, s): (rng.randint(0, int(0.5 * sub.samplerate)) if options.shifts else None)
-             for t in range(len(tracks)) for m, sub in enumerate(subs) for s in range(shifts)}
+    drawn = {
+        (t, m, s): (rng.randint(0, int(0.5 * sub.samplerate)) if options.shifts else None)
+        for t in range(len(tracks))
+        for m, sub in enumerate(subs)
+        for s in range(shifts)
+    }
     passes: list[Pass] = []
     for m, sub in enumerate(subs):
         segment = options.segment if options.segment is not None else float(sub.segment)
@@ -194,9 +212,19 @@ def plan_passes(model: torch.nn.Module, tracks: list[TrackState], options: Engin
             for s in range(shifts):
                 offset = drawn[(t, m, s)]
                 delta = 0 if offset is None else int(0.5 * sub.samplerate) - offset
-                passes.append(Pass(track=track, member=m, delta=delta, coef=coefs[m] / shifts,
-                                   segment_length=segment_length, stride=stride, weight=weight,
-                                   valid_length=valid, first=(m == 0 and s == 0)))
+                passes.append(
+                    Pass(
+                        track=track,
+                        member=m,
+                        delta=delta,
+                        coef=coefs[m] / shifts,
+                        segment_length=segment_length,
+                        stride=stride,
+                        weight=weight,
+                        valid_length=valid,
+                        first=(m == 0 and s == 0),
+                    )
+                )
     return passes
 
 
@@ -214,7 +242,7 @@ def add_segment(segment: Segment, output: np.ndarray, sources: list[str], two_st
     """Overlap-add one trimmed model output; write every frame no later segment can touch."""
     p = segment.pass_
     n = segment.chunk_length
-    if p.acc is None:
+    if p.acc is None or p.wsum is None:  # the first segment of the pass: both start here
         p.acc = np.zeros((output.shape[0], output.shape[1], 0), dtype=np.float32)
         p.wsum = np.zeros(0, dtype=np.float32)
         p.base = segment.offset
@@ -224,8 +252,8 @@ def add_segment(segment: Segment, output: np.ndarray, sources: list[str], two_st
         p.acc = np.concatenate([p.acc, np.zeros((*p.acc.shape[:2], grow), dtype=np.float32)], axis=-1)
         p.wsum = np.concatenate([p.wsum, np.zeros(grow, dtype=np.float32)])
     lo = segment.offset - p.base
-    p.acc[..., lo:lo + n] += p.weight[:n] * output
-    p.wsum[lo:lo + n] += p.weight[:n]
+    p.acc[..., lo : lo + n] += p.weight[:n] * output
+    p.wsum[lo : lo + n] += p.weight[:n]
     last = segment.offset + p.stride >= p.length
     _flush(p, p.length if last else segment.offset + p.stride, sources, two_stems)
 
@@ -234,6 +262,7 @@ def _flush(p: Pass, upto: int, sources: list[str], two_stems: str | None) -> Non
     count = upto - p.base
     if count <= 0:
         return
+    assert p.acc is not None and p.wsum is not None, "add_segment starts the accumulators before flushing"
     estimate = p.acc[..., :count] / p.wsum[:count]
     start = p.base - p.delta  # back to mixture coordinates; the shifted lead-in is dropped
     skip = max(0, -start)
@@ -248,7 +277,7 @@ def _write(p: Pass, start: int, estimate: np.ndarray, sources: list[str], two_st
     scaled = (estimate * track.std + track.mean) * p.coef[:, None, None].astype(np.float32)
     if not np.isfinite(scaled).all():
         raise SeparationError("model produced non-finite samples", source=track.files.source)
-    stems = dict(zip(sources, scaled))
+    stems = dict(zip(sources, scaled, strict=True))
     if two_stems is not None:
         rest = sum(array for name, array in stems.items() if name != two_stems)
         stems = {two_stems: stems[two_stems], f"no_{two_stems}": rest}
@@ -267,7 +296,7 @@ class Launched:
     segments: list[Segment]
     host: torch.Tensor | None = None
     done: torch.cuda.Event | None = None
-    future: Future | None = None
+    future: Future[torch.Tensor] | None = None
 
 
 @dataclass
@@ -280,7 +309,7 @@ class Runner:
     barriers stall whenever one of its threads is descheduled).
     """
 
-    subs: list[torch.nn.Module]
+    subs: list[SubModel]
     device: torch.device
     precision: Precision
     depth: int
@@ -320,16 +349,17 @@ class Runner:
             launched.host = launched.future.result()
         if launched.done is not None:
             launched.done.synchronize()
+        assert launched.host is not None, "launched with a host tensor or a future of one"
         array = launched.host.numpy()
         outputs = []
         for i, segment in enumerate(launched.segments):
             trim = (segment.input_length - segment.chunk_length) // 2
-            outputs.append(array[i, ..., trim:trim + segment.chunk_length])
+            outputs.append(array[i, ..., trim : trim + segment.chunk_length])
         return outputs
 
 
 @contextmanager
-def open_runner(model: torch.nn.Module, device: torch.device, options: EngineOptions) -> Iterator[Runner]:
+def open_runner(model: DemucsModel, device: torch.device, options: EngineOptions) -> Iterator[Runner]:
     subs = members(model)[0]
     if device.type == "cuda":
         yield Runner(subs, device, options.precision, depth=2)
@@ -352,8 +382,11 @@ def batches(stream: Iterator[Segment], size: int) -> Iterator[list[Segment]]:
     """Consecutive segments sharing sub-model and input length, at most `size` at a time."""
     batch: list[Segment] = []
     for segment in stream:
-        if batch and (len(batch) == size or segment.pass_.member != batch[0].pass_.member
-                      or segment.input_length != batch[0].input_length):
+        if batch and (
+            len(batch) == size
+            or segment.pass_.member != batch[0].pass_.member
+            or segment.input_length != batch[0].input_length
+        ):
             yield batch
             batch = []
         batch.append(segment)
@@ -361,8 +394,7 @@ def batches(stream: Iterator[Segment], size: int) -> Iterator[list[Segment]]:
         yield batch
 
 
-def auto_batch_size(model: torch.nn.Module, device: torch.device, precision: Precision,
-                    segment: float | None) -> int:
+def auto_batch_size(model: DemucsModel, device: torch.device, precision: Precision, segment: float | None) -> int:
     """1 on CPU (batching was measured slower there); on CUDA, from one probe segment's peak memory."""
     if device.type != "cuda":
         return 1
@@ -384,12 +416,19 @@ def auto_batch_size(model: torch.nn.Module, device: torch.device, precision: Pre
     return int(max(1, min(MAX_AUTO_BATCH, free * GPU_MEMORY_SHARE // per_segment)))
 
 
-def options_segment(sub: torch.nn.Module, segment: float | None) -> float:
+def options_segment(sub: SubModel, segment: float | None) -> float:
     return segment if segment is not None else float(sub.segment)
 
 
-def separate_files(model: torch.nn.Module, tracks: list[TrackFiles], options: EngineOptions, device: str,
-                   *, progress: ProgressFn | None = None, seed: int | None = None) -> None:
+def separate_files(
+    model: DemucsModel,
+    tracks: list[TrackFiles],
+    options: EngineOptions,
+    device: str,
+    *,
+    progress: ProgressFn | None = None,
+    seed: int | None = None,
+) -> None:
     """Separate every track's mixture `.npy` into its stem `.npy` files (shape (2, frames) float32)."""
     torch_device = torch.device(device)
     sources = list(model.sources)
@@ -418,8 +457,14 @@ def _open(files: TrackFiles, sources: list[str], two_stems: str | None) -> Track
     return TrackState(files=files, mixture=mixture, outputs=outputs, mean=mean, std=std)
 
 
-def _run(runner: Runner, passes: list[Pass], size: int, sources: list[str], two_stems: str | None,
-         progress: ProgressFn | None) -> None:
+def _run(
+    runner: Runner,
+    passes: list[Pass],
+    size: int,
+    sources: list[str],
+    two_stems: str | None,
+    progress: ProgressFn | None,
+) -> None:
     totals: dict[int, int] = {}
     for p in passes:
         totals[id(p.track)] = totals.get(id(p.track), 0) + len(p.offsets())
@@ -440,9 +485,16 @@ def _run(runner: Runner, passes: list[Pass], size: int, sources: list[str], two_
         _finish(runner, inflight.popleft(), sources, two_stems, progress, totals, done)
 
 
-def _finish(runner: Runner, launched: Launched, sources: list[str], two_stems: str | None,
-            progress: ProgressFn | None, totals: dict[int, int], done: dict[int, int]) -> None:
-    for segment, output in zip(launched.segments, runner.collect(launched)):
+def _finish(
+    runner: Runner,
+    launched: Launched,
+    sources: list[str],
+    two_stems: str | None,
+    progress: ProgressFn | None,
+    totals: dict[int, int],
+    done: dict[int, int],
+) -> None:
+    for segment, output in zip(launched.segments, runner.collect(launched), strict=True):
         add_segment(segment, output, sources, two_stems)
         track = segment.pass_.track
         done[id(track)] += 1

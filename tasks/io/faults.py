@@ -12,12 +12,25 @@ import asyncio
 from tasks.core.errors import StemworksError
 
 # Retrying cannot make these succeed: the path is wrong, or we may not read it.
-PERMANENT_OS_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError,
-                                                  NotADirectoryError, FileExistsError)
+PERMANENT_OS_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 # HTTP answers that mean "try again later" (timeouts, throttling, server trouble).
 TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-_TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
-                                 "RequestTimeTooSkewed", *(str(status) for status in TRANSIENT_HTTP_STATUSES)})
+_TRANSIENT_S3_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        *(str(status) for status in TRANSIENT_HTTP_STATUSES),
+    }
+)
 
 
 def _store_errors() -> tuple[type[BaseException], ...]:
@@ -26,11 +39,13 @@ def _store_errors() -> tuple[type[BaseException], ...]:
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import HTTPClientError
+
         found += [BotoConnectionError, HTTPClientError]
     except ImportError:
         pass
     try:
         from aiohttp import ClientError
+
         found.append(ClientError)
     except ImportError:
         pass

@@ -9,9 +9,22 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-AUDIO_EXTENSIONS = frozenset({
-    ".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".mp4", ".aac", ".aif", ".aiff",
-})
+AUDIO_EXTENSIONS = frozenset(
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".mp3",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".m4a",
+        ".mp4",
+        ".aac",
+        ".aif",
+        ".aiff",
+    }
+)
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _SECRET_QUERY = re.compile(r"(?i)(signature|token|key|secret|credential)")
 
@@ -22,8 +35,7 @@ def has_scheme(location: str) -> bool:
 
 def normalise(location: str) -> str:
     """Absolute local paths; URLs unchanged. `file://` URLs become plain paths."""
-    if location.startswith("file://"):
-        location = location[len("file://"):]
+    location = location.removeprefix("file://")
     if has_scheme(location):
         return location.rstrip("/") if location.count("/") > 3 else location
     return str(Path(location).expanduser().resolve())

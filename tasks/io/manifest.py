@@ -66,8 +66,17 @@ class Manifest(Record):
     def published(self, uri: str) -> PublishedTrack:
         """The published track this manifest, found at `uri`, describes (addressed as publishing addressed it)."""
         folder = uri.rsplit("/", 1)[0]
-        stems = [PublishedStem(stem=s.stem, uri=join(folder, s.file), sha256=s.sha256, seconds=s.seconds,
-                               bytes=s.bytes, format=PurePosixPath(s.file).suffix[1:]) for s in self.stems]
+        stems = [
+            PublishedStem(
+                stem=s.stem,
+                uri=join(folder, s.file),
+                sha256=s.sha256,
+                seconds=s.seconds,
+                bytes=s.bytes,
+                format=PurePosixPath(s.file).suffix[1:],
+            )
+            for s in self.stems
+        ]
         return PublishedTrack(manifest_uri=uri, track_uri=folder, stems=stems)
 
 
@@ -92,10 +101,12 @@ def complete_manifest(uri: str, job_key: str) -> Manifest | None:
         manifest = Manifest.model_validate_json(fs.cat_file(path))
         folder = str(PurePosixPath(path).parent)
         complete = manifest.job_key == job_key and all(
-            fs.size(f"{folder}/{stem.file}") == stem.bytes for stem in manifest.stems)
+            fs.size(f"{folder}/{stem.file}") == stem.bytes for stem in manifest.stems
+        )
     except (FileNotFoundError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
     except Exception as exc:  # noqa: BLE001 - e.g. the store is down: say so instead of redoing the work
-        raise PublishError(f"cannot check {redact(uri)} for an earlier result: {describe(exc)}",
-                           retryable=is_transient(exc)) from None
+        raise PublishError(
+            f"cannot check {redact(uri)} for an earlier result: {describe(exc)}", retryable=is_transient(exc)
+        ) from None
     return manifest if complete else None

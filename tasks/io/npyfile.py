@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 
@@ -41,8 +42,9 @@ class NpyAudio:
         self.path = str(path)
         with open(self.path, "rb") as handle:
             version = np.lib.format.read_magic(handle)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(handle)
             self._data_offset = handle.tell()
         if fortran or np.dtype(dtype) != DTYPE or len(shape) != 2:
@@ -61,7 +63,7 @@ class NpyAudio:
         if hi > lo:
             for channel in range(self.channels):
                 offset = self._data_offset + (channel * self.frames + lo) * 4
-                out[channel, lo - start:hi - start] = _pread_f32(self._fd, offset, hi - lo)
+                out[channel, lo - start : hi - start] = _pread_f32(self._fd, offset, hi - lo)
         return out
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
@@ -71,7 +73,7 @@ class NpyAudio:
             raise IndexError("only contiguous frame ranges are supported")
         return self.read(start, stop)[rows]
 
-    def windows(self, size: int) -> "list[tuple[int, int]]":
+    def windows(self, size: int) -> list[tuple[int, int]]:
         return [(s, min(self.frames, s + size)) for s in range(0, self.frames, size)]
 
     def close(self) -> None:
@@ -79,7 +81,7 @@ class NpyAudio:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "NpyAudio":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,9 +149,9 @@ class NpyAppender:
         self.path = Path(path)
         self.frames = 0
         self._side_path = self.path.with_name(self.path.name + ".ch1")
-        self._main = open(self.path, "wb")
+        self._main = open(self.path, "wb")  # noqa: SIM115 - held open until finish() or abort()
         self._main.write(header(2, 0))
-        self._side = open(self._side_path, "wb")
+        self._side = open(self._side_path, "wb")  # noqa: SIM115 - held open until finish() or abort()
 
     def append(self, block: np.ndarray) -> None:
         """Append (1 or 2, n) samples; mono is duplicated into both channels, as Demucs does."""
@@ -175,7 +177,7 @@ class NpyAppender:
         self._side_path.unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "NpyAppender":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:

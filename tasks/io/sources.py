@@ -46,9 +46,6 @@ def expand_sources(sources: list[str], max_playlist_entries: int = 50) -> Expand
 
 def _expand_one(source: str, max_playlist_entries: int) -> list[str]:
     if source.lower().startswith(("http://", "https://")):
-        from tasks.io.web.policy import NetworkPolicy
-        from tasks.io.web.urls import expand_url  # imported here: tasks.io.web.urls builds on this module
-
         return expand_url(source, max_playlist_entries, NetworkPolicy.from_env())
     if not has_scheme(source) and not source.startswith("file://"):
         return _expand_local(source)
@@ -57,7 +54,7 @@ def _expand_one(source: str, max_playlist_entries: int) -> list[str]:
     if _GLOB_CHARS.search(path):
         matches = [p for p in fs.glob(path) if fs.isfile(p)]
     elif fs.isdir(path):
-        matches = [p for p in fs.find(path) if is_audio_name(p) and not _hidden(p[len(path):])]
+        matches = [p for p in fs.find(path) if is_audio_name(p) and not _hidden(p[len(path) :])]
     elif fs.exists(path):
         matches = [path]
     else:
@@ -70,7 +67,7 @@ def _expand_local(source: str) -> list[str]:
     if _GLOB_CHARS.search(source):
         return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     if os.path.isdir(path):
-        found = []
+        found: list[str] = []
         for root, dirs, files in os.walk(path):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found.extend(os.path.join(root, f) for f in files if is_audio_name(f) and not f.startswith("."))

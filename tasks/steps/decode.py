@@ -9,13 +9,14 @@ import av
 import numpy as np
 
 from tasks.core.errors import DecodeError, InvalidAudioError
-from tasks.io.npyfile import NpyAppender
 from tasks.core.records import AudioInfo, DecodedAudio
 from tasks.core.settings import Limits
+from tasks.io.npyfile import NpyAppender
 
 
-def decode_blocks(path: str | Path, info: AudioInfo, sample_rate: int, limits: Limits,
-                  *, source: str | None = None) -> Iterator[np.ndarray]:
+def decode_blocks(
+    path: str | Path, info: AudioInfo, sample_rate: int, limits: Limits, *, source: str | None = None
+) -> Iterator[np.ndarray]:
     """Yield (1 or 2, n) float32 blocks as they decode. Lengths come from the samples, never from headers."""
     label = source or str(path)
     max_frames = int(limits.max_seconds * sample_rate) + sample_rate
@@ -40,15 +41,6 @@ def decode_blocks(path: str | Path, info: AudioInfo, sample_rate: int, limits: L
         raise DecodeError(f"decoded only {total / sample_rate:.3f} s of audio", source=label)
 
 
-def decode_to_array(path: str | Path, info: AudioInfo, sample_rate: int, limits: Limits,
-                    *, source: str | None = None) -> np.ndarray:
-    """Return (2, frames) float32 in memory (short inputs, tests); runs use `decode`, which streams to disk."""
-    audio = np.concatenate(list(decode_blocks(path, info, sample_rate, limits, source=source)), axis=1)
-    if audio.shape[0] == 1:
-        audio = np.repeat(audio, 2, axis=0)
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
 def _then_flush(frames: Iterator[av.AudioFrame]) -> Iterator[av.AudioFrame | None]:
     """The decoded frames, then None: the resampler's signal to flush what it buffered."""
     yield from frames
@@ -64,8 +56,15 @@ def _check(samples: np.ndarray, total: int, max_frames: int, limits: Limits, lab
     return total
 
 
-def decode(path: str | Path, info: AudioInfo, sample_rate: int, limits: Limits, work_dir: str | Path,
-           *, source: str | None = None) -> DecodedAudio:
+def decode(
+    path: str | Path,
+    info: AudioInfo,
+    sample_rate: int,
+    limits: Limits,
+    work_dir: str | Path,
+    *,
+    source: str | None = None,
+) -> DecodedAudio:
     """Decode block by block into a .npy in the work area: memory does not grow with the track's length."""
     target = Path(work_dir) / "mixture.npy"
     with NpyAppender(target) as writer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, Protocol
 
 import av
 import numpy as np
@@ -12,16 +13,32 @@ from tasks.core.settings import OutputSettings
 CHUNK_FRAMES = 65536
 EXTENSIONS = {"wav": "wav", "flac": "flac", "mp3": "mp3"}
 
+# Literal, so that PyAV's add_stream knows the stream is an audio one.
+Codec = Literal["pcm_s16le", "pcm_s24le", "pcm_f32le", "flac", "libmp3lame"]
+
 # bit depth -> (codec, PyAV sample format fed to the encoder)
-_WAV_CODECS = {16: ("pcm_s16le", "s16"), 24: ("pcm_s24le", "s32"), 32: ("pcm_f32le", "flt")}
-_FLAC_CODECS = {16: ("flac", "s16"), 24: ("flac", "s32")}
+_WAV_CODECS: dict[int, tuple[Codec, str]] = {
+    16: ("pcm_s16le", "s16"),
+    24: ("pcm_s24le", "s32"),
+    32: ("pcm_f32le", "flt"),
+}
+_FLAC_CODECS: dict[int, tuple[Codec, str]] = {16: ("flac", "s16"), 24: ("flac", "s32")}
+
+
+class Frames(Protocol):
+    """(channels, frames) samples that slice as `x[:, a:b]` into arrays: an ndarray, or an NpyAudio read by windows."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: tuple[slice, slice], /) -> np.ndarray: ...
 
 
 def extension(output: OutputSettings) -> str:
     return EXTENSIONS[output.format]
 
 
-def encode(samples: np.ndarray, sample_rate: int, path: str | Path, output: OutputSettings) -> None:
+def encode(samples: Frames, sample_rate: int, path: str | Path, output: OutputSettings) -> None:
     """Write `samples` (channels, frames) float32 to `path` in the configured format."""
     # FFmpeg stores s32 input as 24 bits in pcm_s24le and (by default) in flac.
     codec, sample_format = _codec_for(output)
@@ -31,14 +48,14 @@ def encode(samples: np.ndarray, sample_rate: int, path: str | Path, output: Outp
         if output.format == "mp3":
             stream.bit_rate = output.mp3_bitrate * 1000
         for start in range(0, samples.shape[1], CHUNK_FRAMES):
-            frame = _frame(samples[:, start:start + CHUNK_FRAMES], sample_format, sample_rate, start)
+            frame = _frame(samples[:, start : start + CHUNK_FRAMES], sample_format, sample_rate, start)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
 
 
-def _codec_for(output: OutputSettings) -> tuple[str, str]:
+def _codec_for(output: OutputSettings) -> tuple[Codec, str]:
     if output.format == "wav":
         return _WAV_CODECS[output.bit_depth]
     if output.format == "flac":

@@ -11,7 +11,7 @@ import re
 import shutil
 import unicodedata
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from fsspec import AbstractFileSystem
@@ -29,7 +29,7 @@ from tasks.steps.encode import encode, extension
 
 NAME_LIMIT = 80
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_UNSAFE = re.compile(r"[^\w .()&+,'!\-–—]+")
+_UNSAFE = re.compile(r"[^\w .()&+,'!\-\u2013\u2014]+")  # also keeps en and em dashes
 
 
 def safe_name(text: str) -> str:
@@ -79,21 +79,44 @@ def encode_stems(separated: SeparatedStems, output: OutputSettings, work_dir: st
     return files
 
 
-def build_manifest(*, key: str, run_id: str, fetched: FetchedSource, info: AudioInfo, separated: SeparatedStems,
-                   quality: TrackQuality, separation: SeparationSettings, output: OutputSettings,
-                   files: dict[str, Path]) -> Manifest:
+def build_manifest(
+    *,
+    key: str,
+    run_id: str,
+    fetched: FetchedSource,
+    info: AudioInfo,
+    separated: SeparatedStems,
+    quality: TrackQuality,
+    separation: SeparationSettings,
+    output: OutputSettings,
+    files: dict[str, Path],
+) -> Manifest:
     seconds = separated.frames / separated.sample_rate
     return Manifest(
-        job_key=key, run_id=run_id, created_at=datetime.now(timezone.utc), source=fetched.source,
-        origin=fetched.origin, content_sha256=fetched.content_sha256, source_audio=info,
+        job_key=key,
+        run_id=run_id,
+        created_at=datetime.now(UTC),
+        source=fetched.source,
+        origin=fetched.origin,
+        content_sha256=fetched.content_sha256,
+        source_audio=info,
         model=ManifestModel(name=separated.model.name, signature=separated.model.signature),
         device=separated.device,
-        parameters={"separation": separation.model_dump(exclude={"model_repo", "device"}),
-                    "output": output.model_dump(exclude={"out"})},
-        sample_rate=separated.sample_rate, seconds=seconds, residual_db=quality.residual_db,
-        stems=[ManifestStem(stem=stem, file=path.name, sha256=_file_sha256(path), bytes=path.stat().st_size,
-                            seconds=seconds) for stem, path in files.items()],
-        code_version=code_version())
+        parameters={
+            "separation": separation.model_dump(exclude={"model_repo", "device"}),
+            "output": output.model_dump(exclude={"out"}),
+        },
+        sample_rate=separated.sample_rate,
+        seconds=seconds,
+        residual_db=quality.residual_db,
+        stems=[
+            ManifestStem(
+                stem=stem, file=path.name, sha256=_file_sha256(path), bytes=path.stat().st_size, seconds=seconds
+            )
+            for stem, path in files.items()
+        ],
+        code_version=code_version(),
+    )
 
 
 def publish(*, out: str, folder: str, manifest: Manifest, files: dict[str, Path]) -> PublishedTrack:
@@ -104,8 +127,11 @@ def publish(*, out: str, folder: str, manifest: Manifest, files: dict[str, Path]
         else:
             _publish_remote(fs, f"{root}/{folder}", manifest, files)
     except Exception as exc:  # noqa: BLE001 - store clients raise their own types; classify them all
-        raise PublishError(f"writing to {redact(join(out, folder))} failed: {describe(exc)}",
-                           source=manifest.source, retryable=is_transient(exc)) from None
+        raise PublishError(
+            f"writing to {redact(join(out, folder))} failed: {describe(exc)}",
+            source=manifest.source,
+            retryable=is_transient(exc),
+        ) from None
     return manifest.published(manifest_uri(out, folder))
 
 
@@ -158,7 +184,7 @@ def abort_incomplete_uploads(fs: AbstractFileSystem, folder: str, quiet: bool = 
         uploads = call("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/").get("Uploads") or []
         for upload in uploads:
             call("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-    except Exception:  # noqa: BLE001 - a cleanup during an outage may fail too; the next attempt retries it
+    except Exception:  # a cleanup during an outage may fail too; the next attempt retries it
         if quiet:
             return 0
         raise
@@ -179,5 +205,5 @@ def _withdraw(fs: AbstractFileSystem, manifest_path: str, written: list[str]) ->
     for path in written:
         try:
             fs.rm_file(path)
-        except Exception:  # noqa: BLE001, S112
+        except Exception:  # noqa: BLE001 - best effort, as above; an orphan stem is harmless without a manifest
             continue

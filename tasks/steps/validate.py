@@ -13,11 +13,28 @@ from tasks.core.settings import Limits
 
 # PyAV/FFmpeg demuxer names we accept; the mp4 family covers .m4a and NI .stem.mp4.
 ALLOWED_CONTAINERS = frozenset({"wav", "flac", "mp3", "ogg", "mov,mp4,m4a,3gp,3g2,mj2", "aac", "aiff"})
-ALLOWED_CODECS = frozenset({
-    "pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_f64le", "pcm_u8",
-    "pcm_s16be", "pcm_s24be", "pcm_s32be", "pcm_f32be", "pcm_f64be",
-    "flac", "mp3", "mp3float", "vorbis", "opus", "aac", "alac",
-})
+ALLOWED_CODECS = frozenset(
+    {
+        "pcm_s16le",
+        "pcm_s24le",
+        "pcm_s32le",
+        "pcm_f32le",
+        "pcm_f64le",
+        "pcm_u8",
+        "pcm_s16be",
+        "pcm_s24be",
+        "pcm_s32be",
+        "pcm_f32be",
+        "pcm_f64be",
+        "flac",
+        "mp3",
+        "mp3float",
+        "vorbis",
+        "opus",
+        "aac",
+        "alac",
+    }
+)
 STEM_SUFFIXES = (".stem.mp4", ".stem.m4a")
 NI_STEM_STREAMS = 5  # mixture, drums, bass, other, vocals
 
@@ -87,15 +104,18 @@ def check_limits(info: AudioInfo, limits: Limits, *, source: str) -> None:
     if not limits.min_sample_rate <= info.sample_rate <= limits.max_sample_rate:
         raise InvalidAudioError(
             f"sample rate {info.sample_rate} Hz is outside {limits.min_sample_rate}-{limits.max_sample_rate} Hz",
-            source=source)
+            source=source,
+        )
     if not 1 <= info.channels <= limits.max_channels:
         raise InvalidAudioError(f"{info.channels} channels is outside 1-{limits.max_channels}", source=source)
     if info.seconds > limits.max_seconds:
-        raise InvalidAudioError(f"duration {info.seconds:.1f} s is over the limit of {limits.max_seconds:.0f} s",
-                              source=source)
+        raise InvalidAudioError(
+            f"duration {info.seconds:.1f} s is over the limit of {limits.max_seconds:.0f} s", source=source
+        )
     if 0 < info.seconds < limits.min_seconds:
-        raise InvalidAudioError(f"duration {info.seconds:.3f} s is under the minimum of {limits.min_seconds} s",
-                              source=source)
+        raise InvalidAudioError(
+            f"duration {info.seconds:.3f} s is under the minimum of {limits.min_seconds} s", source=source
+        )
 
 
 def _ffmpeg_reason(exc: BaseException) -> str:

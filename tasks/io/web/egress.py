@@ -13,14 +13,26 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Self
 from urllib.parse import urlsplit
 
 from tasks.core.errors import FetchError
 from tasks.io.web.policy import NetworkPolicy, UnsafeURLError
 
 RELAY_IDLE_SECONDS = 60.0
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate",
-               "te", "trailer", "upgrade"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "upgrade",
+}
+
+
+_LOOPBACK = "127.0.0.1"
 
 
 class _Server(ThreadingHTTPServer):
@@ -28,7 +40,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, policy: NetworkPolicy, timeout: float) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((_LOOPBACK, 0), _Handler)
         self.policy = policy
         self.connect_timeout = timeout
         self.refusals: list[str] = []
@@ -62,7 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         return  # URLs may carry signed queries; the fetcher logs redacted ones itself
 
-    def do_CONNECT(self) -> None:  # noqa: N802 - stdlib naming
+    def do_CONNECT(self) -> None:
         host, _, port = self.path.rpartition(":")
         upstream = self._upstream(host.strip("[]"), int(port) if port.isdigit() else 443)
         if upstream is None:
@@ -127,8 +139,7 @@ class EgressProxy:
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{_LOOPBACK}:{self._server.server_port}"
 
     @property
     def refusals(self) -> list[str]:
@@ -138,7 +149,7 @@ class EgressProxy:
     def failures(self) -> list[str]:
         return list(self._server.failures)
 
-    def __enter__(self) -> EgressProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

@@ -26,8 +26,14 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_KINDS = (("is_loopback", "loopback"), ("is_link_local", "link-local"), ("is_multicast", "multicast"),
-          ("is_unspecified", "unspecified"), ("is_private", "private"), ("is_reserved", "reserved"))
+_KINDS = (
+    ("is_loopback", "loopback"),
+    ("is_link_local", "link-local"),
+    ("is_multicast", "multicast"),
+    ("is_unspecified", "unspecified"),
+    ("is_private", "private"),
+    ("is_reserved", "reserved"),
+)
 
 
 class UnsafeURLError(FetchError):
@@ -44,8 +50,9 @@ def check_scheme(url: str) -> None:
     """Only http(s) may be fetched for a URL source: file://, ftp://, data: and the like are refused."""
     scheme = urlsplit(url).scheme.lower()
     if scheme not in URL_SCHEMES:
-        raise UnsafeURLError(f"URL scheme {scheme or '(none)'!r} is not allowed; only http and https",
-                             source=redact(url))
+        raise UnsafeURLError(
+            f"URL scheme {scheme or '(none)'!r} is not allowed; only http and https", source=redact(url)
+        )
 
 
 def _embedded_ipv4(ip: IPAddress) -> IPAddress:
@@ -71,8 +78,11 @@ class NetworkPolicy:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NetworkPolicy:
         env = os.environ if environ is None else environ
         allow = env.get(ALLOW_PRIVATE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
-        networks = tuple(ipaddress.ip_network(part.strip(), strict=False)
-                         for part in env.get(ALLOWED_NETWORKS_ENV, "").split(",") if part.strip())
+        networks = tuple(
+            ipaddress.ip_network(part.strip(), strict=False)
+            for part in env.get(ALLOWED_NETWORKS_ENV, "").split(",")
+            if part.strip()
+        )
         return cls(allow_private=allow, allowed_networks=networks)
 
     def address_problem(self, address: str) -> str | None:
@@ -104,5 +114,6 @@ class NetworkPolicy:
             if problem is not None:
                 raise UnsafeURLError(
                     f"refused: host {host!r} resolves to {problem}; set {ALLOW_PRIVATE_ENV}=1 to allow "
-                    f"private addresses on a trusted network")
+                    f"private addresses on a trusted network"
+                )
         return addresses

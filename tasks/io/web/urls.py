@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import http.client
 import re
-import socket
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from tasks.core.errors import FetchError, InvalidAudioError
@@ -29,7 +28,7 @@ TIMEOUT_SECONDS = 30.0
 MAX_REDIRECTS = 10
 # The best audio-only stream that is one plain HTTP(S) download (not HLS/DASH fragments, and never video).
 AUDIO_FORMAT = "bestaudio[protocol=https]/bestaudio[protocol=http]"
-_NOT_MEDIA_TYPES = re.compile(r"^(text/|image/|application/(json|xml|xhtml|javascript|pdf|zip))", re.I)
+_NOT_MEDIA_TYPES = re.compile(r"^(text/|image/|application/(json|xml|xhtml|javascript|pdf|zip))", re.IGNORECASE)
 _LIVE = {"is_live", "is_upcoming", "post_live"}
 
 
@@ -39,6 +38,7 @@ def is_direct_media(url: str) -> bool:
 
 
 # -- yt-dlp ------------------------------------------------------------------------------------
+
 
 class _YtdlpLog:
     """yt-dlp prints to the terminal unless given a logger; its errors reach us as exceptions."""
@@ -50,9 +50,20 @@ class _YtdlpLog:
 
 
 def _ytdlp_options(proxy: EgressProxy, **extra: Any) -> dict[str, Any]:
-    return {"proxy": proxy.url, "logger": _YtdlpLog(), "quiet": True, "no_warnings": True, "noprogress": True,
-            "cachedir": False, "socket_timeout": TIMEOUT_SECONDS, "extractor_retries": 0, "simulate": True,
-            "noplaylist": True, "format": AUDIO_FORMAT, **extra}
+    return {
+        "proxy": proxy.url,
+        "logger": _YtdlpLog(),
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "cachedir": False,
+        "socket_timeout": TIMEOUT_SECONDS,
+        "extractor_retries": 0,
+        "simulate": True,
+        "noplaylist": True,
+        "format": AUDIO_FORMAT,
+        **extra,
+    }
 
 
 def _extract(url: str, proxy: EgressProxy, **extra: Any) -> dict[str, Any]:
@@ -72,14 +83,19 @@ def _ytdlp_error(url: str, exc: Exception, proxy: EgressProxy) -> FetchError:
     message = re.sub(r"^ERROR:\s*", "", str(exc)).split(" (caused by", 1)[0]
     message = message.replace(url, label)
     if "Unsupported URL" in message:
-        return FetchError("no audio or video found at this URL (not a media file, and no page yt-dlp "
-                          "understands)", source=label, retryable=False)
+        return FetchError(
+            "no audio or video found at this URL (not a media file, and no page yt-dlp understands)",
+            source=label,
+            retryable=False,
+        )
     if "Requested format is not available" in message:
-        return FetchError("no audio-only stream downloadable over HTTP(S) at this URL", source=label,
-                          retryable=False)
+        return FetchError("no audio-only stream downloadable over HTTP(S) at this URL", source=label, retryable=False)
     status = re.search(r"HTTP Error (\d{3})", message)
-    transient = is_transient_http_status(int(status.group(1))) if status else bool(
-        re.search(r"(?i)timed out|connection|reset|temporar|unreachable", message))
+    transient = (
+        is_transient_http_status(int(status.group(1)))
+        if status
+        else bool(re.search(r"(?i)timed out|connection|reset|temporar|unreachable", message))
+    )
     return FetchError(message, source=label, retryable=transient)
 
 
@@ -94,8 +110,7 @@ def expand_url(url: str, max_entries: int, policy: NetworkPolicy) -> list[str]:
         return [url]
     with EgressProxy(policy) as proxy:
         try:
-            info = _extract(url, proxy, noplaylist=False, extract_flat="in_playlist",
-                            playlist_items=f"1:{max_entries}")
+            info = _extract(url, proxy, noplaylist=False, extract_flat="in_playlist", playlist_items=f"1:{max_entries}")
         except FetchError:
             return [url]
     if info.get("_type") not in {"playlist", "multi_video"}:
@@ -111,12 +126,14 @@ def _check_before_download(info: dict[str, Any], limits: Limits, label: str) -> 
         raise InvalidAudioError("the selected stream has no audio", source=label)
     duration = info.get("duration")
     if isinstance(duration, (int, float)) and duration > limits.max_seconds:
-        raise InvalidAudioError(f"duration {duration:.0f} s is over the limit of {limits.max_seconds:.0f} s",
-                              source=label)
+        raise InvalidAudioError(
+            f"duration {duration:.0f} s is over the limit of {limits.max_seconds:.0f} s", source=label
+        )
     size = info.get("filesize") or info.get("filesize_approx")
     if isinstance(size, (int, float)) and size > limits.max_file_bytes:
-        raise InvalidAudioError(f"reported size {int(size)} bytes is over the limit of {limits.max_file_bytes} bytes",
-                              source=label)
+        raise InvalidAudioError(
+            f"reported size {int(size)} bytes is over the limit of {limits.max_file_bytes} bytes", source=label
+        )
 
 
 def _origin(url: str, info: dict[str, Any] | None) -> dict[str, str | None]:
@@ -126,19 +143,27 @@ def _origin(url: str, info: dict[str, Any] | None) -> dict[str, str | None]:
         value = info.get(key)
         return None if value is None else str(value)
 
-    return {"url": redact(url), "extractor": text("extractor_key") or "direct", "title": text("title"),
-            "uploader": text("uploader"), "upload_date": text("upload_date"),
-            "webpage_url": redact(text("webpage_url") or url)}
+    return {
+        "url": redact(url),
+        "extractor": text("extractor_key") or "direct",
+        "title": text("title"),
+        "uploader": text("uploader"),
+        "upload_date": text("upload_date"),
+        "webpage_url": redact(text("webpage_url") or url),
+    }
 
 
 # -- streaming download ------------------------------------------------------------------------
+
 
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
     """Each redirect target must be http(s); its address is then checked by the egress proxy."""
 
     max_redirections = MAX_REDIRECTS
 
-    def http_error_302(self, req, fp, code, msg, headers):  # type: ignore[no-untyped-def]
+    def http_error_302(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str, headers: http.client.HTTPMessage
+    ) -> Any:
         location = headers.get("location") or headers.get("uri")
         if location:
             check_scheme(urljoin(req.full_url, location))  # file://, ftp://... refused with a clear reason
@@ -150,16 +175,22 @@ class _SafeRedirects(urllib.request.HTTPRedirectHandler):
 def _opener(proxy: EgressProxy) -> urllib.request.OpenerDirector:
     """Only HTTP(S), always through the egress proxy; no file/ftp/data handlers at all."""
     opener = urllib.request.OpenerDirector()
-    handlers = (urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url}), urllib.request.HTTPHandler(),
-                urllib.request.HTTPSHandler(), _SafeRedirects(), urllib.request.HTTPDefaultErrorHandler(),
-                urllib.request.HTTPErrorProcessor())
+    handlers = (
+        urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url}),
+        urllib.request.HTTPHandler(),
+        urllib.request.HTTPSHandler(),
+        _SafeRedirects(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+    )
     for handler in handlers:
         opener.add_handler(handler)
     return opener
 
 
-def _download(media_url: str, headers: dict[str, str], target: Path, limits: Limits,
-              proxy: EgressProxy, label: str) -> tuple[str, int]:
+def _download(
+    media_url: str, headers: dict[str, str], target: Path, limits: Limits, proxy: EgressProxy, label: str
+) -> tuple[str, int]:
     request = urllib.request.Request(media_url, headers={"User-Agent": "stemworks", **headers})
     with _opener(proxy).open(request, timeout=TIMEOUT_SECONDS) as response:
         content_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
@@ -167,10 +198,19 @@ def _download(media_url: str, headers: dict[str, str], target: Path, limits: Lim
             raise InvalidAudioError(f"not audio: the server sent {content_type}", source=label)
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limits.max_file_bytes:
-            raise InvalidAudioError(f"file is over the limit of {limits.max_file_bytes} bytes "
-                                    f"(server reports {declared} bytes); not downloaded", source=label)
-        return copy_hashed(response, target, limits.max_file_bytes, lambda: InvalidAudioError(
-            f"file is over the limit of {limits.max_file_bytes} bytes; download aborted", source=label))
+            raise InvalidAudioError(
+                f"file is over the limit of {limits.max_file_bytes} bytes "
+                f"(server reports {declared} bytes); not downloaded",
+                source=label,
+            )
+        return copy_hashed(
+            response,
+            target,
+            limits.max_file_bytes,
+            lambda: InvalidAudioError(
+                f"file is over the limit of {limits.max_file_bytes} bytes; download aborted", source=label
+            ),
+        )
 
 
 def _download_error(exc: Exception, proxy: EgressProxy, label: str) -> FetchError:
@@ -204,11 +244,11 @@ def fetch_url(url: str, work_dir: str | Path, limits: Limits, policy: NetworkPol
         check_scheme(media_url)
         target = Path(work_dir) / ("source" + _suffix(info, media_url))
         try:
-            sha, size = _download(media_url, dict((info or {}).get("http_headers") or {}), target, limits,
-                                  proxy, label)
+            sha, size = _download(media_url, dict((info or {}).get("http_headers") or {}), target, limits, proxy, label)
         except (InvalidAudioError, UnsafeURLError):
             raise
-        except (urllib.error.URLError, http.client.HTTPException, socket.timeout, OSError) as exc:
+        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             raise _download_error(exc, proxy, label) from None  # copy_hashed removed the partial file
-    return FetchedSource(source=label, local_path=str(target), content_sha256=sha, size_bytes=size,
-                         origin=_origin(url, info))
+    return FetchedSource(
+        source=label, local_path=str(target), content_sha256=sha, size_bytes=size, origin=_origin(url, info)
+    )
