@@ -7,15 +7,17 @@ manifests do not hold (failures, step timings, per-stem quality, Prefect flow-ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from catalog.errors import CatalogError
 from catalog.store import Catalog
 from tasks.core.records import RunRecord, RunSummary, TrackOutcome, TrackQuality
-from tasks.io.locations import join, normalise, redact
+from tasks.io.locations import display_text, join, normalise, redact
 from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, complete_manifest, read_manifest
 from tasks.io.storage import filesystem
 
@@ -87,50 +89,102 @@ def _move_aside(path: Path) -> Path | None:
     return aside
 
 
-def rebuild(out: str, catalog_path: str | os.PathLike[str]) -> RebuildReport:
+def rebuild(out: str, catalog_path: str | os.PathLike[str], *, allow_empty: bool = False) -> RebuildReport:
     """Write a new catalog at `catalog_path` from the manifests under `out`; an existing file is moved aside.
 
+    A location that does not exist or holds no manifest is refused (CatalogError, nothing touched) unless
+    `allow_empty`: a mistyped path must never swap the live catalog for an empty one.
     Run it while no flow writes to `catalog_path`: a run recording meanwhile would write to the old file.
     """
     base = normalise(out)
     report = RebuildReport(catalog=Path(catalog_path), out=redact(base))
+    uris = _manifests_to_rebuild_from(base, allow_empty)
     by_run: dict[str, list[tuple[str, Manifest]]] = {}
-    for uri in manifest_uris(base):
+    for uri in uris:
         try:
             manifest = read_manifest(uri)
             if complete_manifest(uri, manifest.job_key) is None:
                 raise ValueError("a stem it lists is missing or has another size")
             by_run.setdefault(manifest.run_id, []).append((uri, manifest))
-        except (ValueError, OSError) as exc:
-            report.skipped.append((uri, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - one unreadable manifest is reported, never the end of a rebuild
+            report.skipped.append((redact(uri), _reason(exc)))
     new_path = Path(f"{catalog_path}.rebuilding")
     new_path.unlink(missing_ok=True)
-    catalog = Catalog(new_path)
-    for run_id, entries in sorted(by_run.items()):
-        _record_run(catalog, run_id, base, entries)
-        report.runs += 1
-        report.tracks += len(entries)
-        report.stems += sum(len(m.stems) for _, m in entries)
+    try:
+        catalog = Catalog(new_path)
+        for run_id, entries in sorted(by_run.items()):
+            recorded = _record_run(catalog, run_id, base, entries, report.skipped)
+            if recorded is not None:
+                report.runs += 1
+                report.tracks += len(recorded)
+                report.stems += sum(len(m.stems) for m in recorded)
+    except BaseException:
+        _remove_partial(new_path)  # never leave a half-built `.rebuilding` file behind
+        raise
     report.moved_aside = _move_aside(Path(catalog_path))
     os.replace(new_path, catalog_path)  # a finished catalog appears in one step, never a partial one
     Path(f"{new_path}.lock").unlink(missing_ok=True)
     return report
 
 
-def _record_run(catalog: Catalog, run_id: str, out: str, entries: list[tuple[str, Manifest]]) -> None:
+def _manifests_to_rebuild_from(base: str, allow_empty: bool) -> list[str]:
+    fs, root = filesystem(base)
+    if not fs.exists(root):
+        if allow_empty:
+            return []
+        raise CatalogError(
+            f"rebuild: {redact(base)} does not exist; the catalog was not touched "
+            f"(check the path, or pass --allow-empty to write an empty catalog)"
+        )
+    uris = manifest_uris(base)
+    if not uris and not allow_empty:
+        raise CatalogError(
+            f"rebuild: no manifest.json under {redact(base)} (expected <track folder>/manifest.json); "
+            f"the catalog was not touched (pass --allow-empty to write an empty catalog)"
+        )
+    return uris
+
+
+def _record_run(
+    catalog: Catalog, run_id: str, out: str, entries: list[tuple[str, Manifest]], skipped: list[tuple[str, str]]
+) -> list[Manifest] | None:
+    """Record one run and the tracks of its manifests; returns the manifests recorded (None when the run
+    itself could not be), and adds each one that could not be recorded to `skipped` with the reason."""
     manifests = [m for _, m in entries]
-    catalog.start_run(_run_record(run_id, out, manifests), rebuilt_from=redact(out))
+    try:
+        catalog.start_run(_run_record(run_id, out, manifests), rebuilt_from=redact(out))
+    except Exception as exc:  # noqa: BLE001 - e.g. parameters the catalog refuses: skip this run's manifests
+        skipped.extend((redact(uri), f"run {run_id}: {_reason(exc)}") for uri, _ in entries)
+        return None
+    recorded: list[Manifest] = []
     for uri, manifest in entries:
-        catalog.record_track(run_id, outcome_from_manifest(uri, manifest))
+        try:
+            catalog.record_track(run_id, outcome_from_manifest(uri, manifest))
+        except Exception as exc:  # noqa: BLE001 - one manifest the catalog refuses is reported, the rest go in
+            skipped.append((redact(uri), _reason(exc)))
+        else:
+            recorded.append(manifest)
     catalog.finish_run(
         RunSummary(
             run_id=run_id,
             finished_at=max(m.created_at for m in manifests),
             status="completed",
-            tracks_total=len(entries),
-            tracks_succeeded=len(entries),
+            tracks_total=len(recorded),
+            tracks_succeeded=len(recorded),
             tracks_failed=0,
             tracks_skipped=0,
-            audio_seconds=sum(m.seconds for m in manifests),
+            audio_seconds=sum(m.seconds for m in recorded),
         )
     )
+    return recorded
+
+
+def _reason(exc: BaseException) -> str:
+    return display_text(f"{type(exc).__name__}: {exc}")
+
+
+def _remove_partial(path: Path) -> None:
+    """Best effort, and quiet: the error that stopped the rebuild is the one to report."""
+    for leftover in (path, path.with_name(path.name + ".wal"), path.with_name(path.name + ".lock")):
+        with contextlib.suppress(OSError):
+            leftover.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from catalog.errors import CatalogValidationError
 from catalog.schema import validate_frame
 from tasks.core.records import PublishedStem, RunRecord, RunSummary, StemQuality, TrackOutcome
 from tasks.core.vocabulary import STEPS, Step
+from tasks.io.locations import display_text, raw_bytes_hex
 
 
 def utc(value: datetime, where: str) -> pd.Timestamp:
@@ -26,9 +27,26 @@ def utc(value: datetime, where: str) -> pd.Timestamp:
 
 def json_text(value: Any, where: str) -> str:
     try:
-        return json.dumps(value, sort_keys=True)
+        return json.dumps(_displayable(value), sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise CatalogValidationError(f"{where}: not JSON-serialisable ({exc})") from exc
+
+
+def _displayable(value: Any) -> Any:
+    """`value` with every string made valid UTF-8 (`display_text`): file names that are not UTF-8 reach
+    here as surrogate escapes, which neither DuckDB nor JSON can store."""
+    if isinstance(value, str):
+        return display_text(value)
+    if isinstance(value, dict):
+        return {_displayable(k): _displayable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_displayable(v) for v in value]
+    return value
+
+
+def _frame(table: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The validated frame of `rows`, every text value made storable first."""
+    return validate_frame(table, pd.DataFrame([{k: _displayable(v) for k, v in row.items()} for row in rows]))
 
 
 def run_frame(run: RunRecord, rebuilt_from: str | None = None) -> pd.DataFrame:
@@ -57,7 +75,7 @@ def run_frame(run: RunRecord, rebuilt_from: str | None = None) -> pd.DataFrame:
         "audio_seconds": None,
         "rebuilt_from": rebuilt_from,
     }
-    return validate_frame("runs", pd.DataFrame([row]))
+    return _frame("runs", [row])
 
 
 def finished_run_frame(current: pd.DataFrame, summary: RunSummary) -> pd.DataFrame:
@@ -72,7 +90,7 @@ def finished_run_frame(current: pd.DataFrame, summary: RunSummary) -> pd.DataFra
         tracks_skipped=summary.tracks_skipped,
         audio_seconds=summary.audio_seconds,
     )
-    return validate_frame("runs", pd.DataFrame([row]))
+    return _frame("runs", [row])
 
 
 def _step_columns(step_seconds: dict[Step, float]) -> dict[str, float | None]:
@@ -82,6 +100,10 @@ def _step_columns(step_seconds: dict[Step, float]) -> dict[str, float | None]:
 def track_frame(run_id: str, track_id: str, outcome: TrackOutcome) -> pd.DataFrame:
     """The validated `tracks` row for one outcome."""
     info, quality, published = outcome.info, outcome.quality, outcome.published
+    origin = dict(outcome.origin)
+    raw = raw_bytes_hex(outcome.source)
+    if raw is not None:  # a name that is not UTF-8: `source` shows it escaped, `origin` keeps its bytes
+        origin.setdefault("path_bytes_hex", raw)
     row = {
         "run_id": run_id,
         "track_id": track_id,
@@ -100,13 +122,13 @@ def track_frame(run_id: str, track_id: str, outcome: TrackOutcome) -> pd.DataFra
         "sample_rate": info.sample_rate if info else None,
         "channels": info.channels if info else None,
         "is_stem_file": info.is_stem_file if info else None,
-        "origin": json_text(dict(outcome.origin), "tracks.origin"),
+        "origin": json_text(origin, "tracks.origin"),
         "residual_db": quality.residual_db if quality else None,
         "manifest_uri": published.manifest_uri if published else None,
         "track_uri": published.track_uri if published else None,
         "flow_run_id": outcome.flow_run_id,
     }
-    return validate_frame("tracks", pd.DataFrame([row]))
+    return _frame("tracks", [row])
 
 
 def _stem_row(
@@ -137,4 +159,4 @@ def stem_frame(run_id: str, track_id: str, outcome: TrackOutcome) -> pd.DataFram
         return None
     by_name = {q.stem: q for q in outcome.quality.stems} if outcome.quality else {}
     rows = [_stem_row(run_id, track_id, outcome, stem, by_name.get(stem.stem)) for stem in outcome.published.stems]
-    return validate_frame("stems", pd.DataFrame(rows))
+    return _frame("stems", rows)

@@ -24,13 +24,16 @@ from tasks.core.vocabulary import STEPS as STEPS  # re-exported: the `<step>_s` 
 # Bump when the layout of a table or a view changes, and add the statements that upgrade the previous
 # version to MIGRATIONS (an empty tuple when only views changed: views are recreated after every upgrade).
 # A file is only ever opened read-write to upgrade it, so a current file costs readers no write lock.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # version -> statements that upgrade a catalog from version - 1 to version.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     # v2: runs reconstructed by `stemworks catalog rebuild` say where from; views lineage, track_latest,
     # failures and throughput appear.
     2: ('ALTER TABLE "runs" ADD COLUMN "rebuilt_from" VARCHAR',),
+    # v3: view `published` (where each content is published, by which model and settings); track_latest gains
+    # `published`. Views only.
+    3: (),
 }
 
 

@@ -6,11 +6,16 @@ lock), or any number of processes hold it read-only (a shared lock); a second op
 (benchmarks/catalog_writes.md): when several processes open, write and close the same file in turn,
 the failed read-write open attempts of the waiting processes can make committed rows disappear
 (about 4 in 800 with 8 processes), even when each attempt is retried. So:
-- every process first takes an OS lock on a sidecar file `<catalog>.lock` (flock: exclusive to write,
-  shared to read), waiting with jittered exponential backoff for up to `busy_timeout_s` (default
-  10 minutes); only then does it open the DuckDB file, so stemworks processes never race DuckDB's
-  own lock. Read-only opens by other programs (the `duckdb` CLI) do not take the sidecar lock; their
-  failed attempts are harmless, and a writer that meets their lock retries until they close;
+- every process first takes OS locks (flock: exclusive to write, shared to read) on the sidecar file
+  `<catalog>.lock` and then on the folder holding the catalog, waiting with jittered exponential
+  backoff for up to `busy_timeout_s` (default 10 minutes); only then does it open the DuckDB file, so
+  stemworks processes never race DuckDB's own lock. The folder lock is what makes this hold whatever
+  happens to the sidecar: a folder cannot be deleted or replaced while it holds the catalog, whereas
+  a sidecar deleted while a writer holds it would let the next writer lock a new file beside it (the
+  sidecar is kept for earlier stemworks versions, and for file systems that cannot lock folders, such
+  as NFS; a lock is kept only once the locked descriptor is still the file the path names). Read-only
+  opens by other programs (the `duckdb` CLI) take neither lock; their failed attempts are harmless,
+  and a writer that meets their lock retries until they close;
 - every public method opens its own connection, does its work in one short transaction (a few rows)
   and closes it at once: no process holds the file between writes;
 - a batch is validated with pandera before its transaction starts and written in one transaction,
@@ -169,9 +174,13 @@ class Catalog:
 
     @contextmanager
     def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-        """The only place that opens the file: sidecar lock first, then DuckDB (see the module doc)."""
+        """The only place that opens the file: sidecar and folder locks first, then DuckDB (see the module doc)."""
         deadline = time.monotonic() + self.busy_timeout_s
-        with _sidecar_lock(self.lock_path, exclusive=not read_only, deadline=deadline, what=self):
+        exclusive = not read_only
+        with (
+            _os_lock(self.lock_path, folder=False, exclusive=exclusive, deadline=deadline, what=self),
+            _os_lock(self.path.parent, folder=True, exclusive=exclusive, deadline=deadline, what=self),
+        ):
             con = self._open_waiting(read_only, deadline)
             try:
                 con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
@@ -268,37 +277,72 @@ def _pause(pause: float, left: float) -> float:
 
 
 @contextmanager
-def _sidecar_lock(path: Path, *, exclusive: bool, deadline: float, what: Catalog) -> Iterator[None]:
-    """flock on `path`: exclusive for writers, shared for readers, waited for until `deadline`.
+def _os_lock(path: Path, *, folder: bool, exclusive: bool, deadline: float, what: Catalog) -> Iterator[None]:
+    """flock on `path` (the sidecar file, or the catalog's folder): exclusive for writers, shared for
+    readers, waited for until `deadline`.
 
     The kernel drops it when the process dies, so a killed writer never leaves the catalog locked.
     """
-    fd = _open_lock_file(path, exclusive)
-    if fd is None:
-        yield
-        return
+    fd = _acquire(path, folder=folder, exclusive=exclusive, deadline=deadline, what=what)
     try:
-        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-        pause = _FIRST_PAUSE_S
-        while True:
-            try:
-                fcntl.flock(fd, mode)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise what._busy(f"lock file {path}") from None
-            pause = _pause(pause, left)
         yield  # closing the descriptor below releases the lock
     finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _acquire(path: Path, *, folder: bool, exclusive: bool, deadline: float, what: Catalog) -> int | None:
+    """A descriptor of `path` holding the lock, or None where locking it is impossible and harmless to skip.
+
+    A lock is kept only while `path` still names the locked file: one deleted or replaced between our
+    open and our flock is let go, and the file now at `path` is locked instead.
+    """
+    if fcntl is None:
+        return None
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    pause = _FIRST_PAUSE_S
+    while True:
+        fd = _open_folder(path) if folder else _open_lock_file(path, exclusive)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, mode)
+            if _still_named(fd, path):
+                return fd
+        except BlockingIOError:
+            pass
+        except OSError:
+            os.close(fd)
+            if folder:  # a file system that cannot lock folders (NFS): the sidecar alone keeps the turns
+                return None
+            raise
         os.close(fd)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise what._busy(f"lock on {path}")
+        pause = _pause(pause, left)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (not deleted, not replaced)."""
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+
+
+def _open_folder(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
 
 
 def _open_lock_file(path: Path, exclusive: bool) -> int | None:
-    """The lock file's descriptor; None where locking is impossible and harmless to skip (no fcntl, or a
-    reader without write access to the folder: readers only need it to keep stemworks writers orderly)."""
-    if fcntl is None:
-        return None
+    """The lock file's descriptor; None where locking is impossible and harmless to skip (a reader without
+    write access to the folder: readers only need it to keep stemworks writers orderly)."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:

@@ -58,12 +58,39 @@ SELECT
     t.run_id,
     t.track_id,
     count(*) OVER by_content                                                   AS outcomes,
-    sum(CASE WHEN t.status = 'succeeded' THEN 1 ELSE 0 END) OVER by_content    AS times_succeeded
+    sum(CASE WHEN t.status = 'succeeded' THEN 1 ELSE 0 END) OVER by_content    AS times_succeeded,
+    -- stems exist for this content (with some model and settings): the `published` view says where
+    bool_or(t.status IN ('succeeded', 'skipped') AND t.manifest_uri IS NOT NULL) OVER by_content AS published
 FROM tracks t
 JOIN runs r ON r.run_id = t.run_id
 WHERE t.content_sha256 IS NOT NULL
 WINDOW by_content AS (PARTITION BY t.content_sha256)
 QUALIFY row_number() OVER (PARTITION BY t.content_sha256
+                           ORDER BY t.finished_at DESC, t.started_at DESC, t.track_id DESC) = 1
+"""
+
+# Where each piece of work (content x model x output-shaping settings = job key) is published: the answer to
+# "does this file have stems, where, made by which model?" whatever happened in later runs (reruns record
+# `skipped` rows that point at the same manifest).
+PUBLISHED = """
+SELECT
+    t.content_sha256,
+    t.job_key,
+    t.manifest_uri,
+    t.track_uri,
+    r.model_name,
+    r.model_signature,
+    r.parameters,
+    t.source                                                                     AS last_source,
+    min(CASE WHEN t.status = 'succeeded' THEN t.finished_at END) OVER by_key    AS published_at,
+    t.finished_at                                                                AS last_seen_at,
+    count(*) OVER by_key                                                         AS times_seen,
+    t.run_id                                                                     AS last_run_id
+FROM tracks t
+JOIN runs r ON r.run_id = t.run_id
+WHERE t.status IN ('succeeded', 'skipped') AND t.manifest_uri IS NOT NULL AND t.job_key IS NOT NULL
+WINDOW by_key AS (PARTITION BY t.job_key)
+QUALIFY row_number() OVER (PARTITION BY t.job_key
                            ORDER BY t.finished_at DESC, t.started_at DESC, t.track_id DESC) = 1
 """
 
@@ -114,6 +141,7 @@ GROUP BY ALL
 VIEWS: dict[str, str] = {
     "lineage": LINEAGE,
     "track_latest": TRACK_LATEST,
+    "published": PUBLISHED,
     "failures": FAILURES,
     "throughput": THROUGHPUT,
 }

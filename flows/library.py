@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import uuid
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed, State
 from pydantic import Field
 
-from catalog import Catalog, default_catalog_path
 from flows.artifacts import RunProgress, publish_table
 from flows.pipeline.overlap import overlapped
-from flows.pipeline.runs import LibrarySummary, TrackResult, run_record, run_summary
+from flows.pipeline.runs import LibrarySummary, TrackResult, TracksFailed, run_summary, start_run
 from flows.pipeline.track import Separated, TrackPipeline, now
-from flows.pipeline.workarea import default_work_root
 from tasks.core.progress import reporter
-from tasks.core.records import RunContext, TrackOutcome
+from tasks.core.records import TrackOutcome
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
-from tasks.engine.models import load_model
 from tasks.io.locations import normalise, redact
 from tasks.io.sources import expand_sources
 
+# The Prefect state a run with failed tracks ends in (type FAILED; event `prefect.flow-run.TracksFailed`).
+TRACKS_FAILED_STATE = "TracksFailed"
 # Validated before any work starts: a deployment run with no sources is rejected by the server.
 Sources = Annotated[list[str], Field(min_length=1)]
 
@@ -63,8 +62,11 @@ def separate_library(
     limits: Limits = Limits(),
     catalog: str | None = None,
     work_root: str | None = None,
-) -> LibrarySummary:
+) -> LibrarySummary | State[Any]:
     """Separate every track found in `sources` (files, folders, globs, URLs) and record the run.
+
+    A run where any track failed ends in the FAILED-type state `TracksFailed` (message: the counts);
+    called from Python it then raises `TracksFailed`, whose `.summary` is what a clean run returns.
 
     Args:
         sources: Files, folders (scanned recursively), globs or URLs (http(s), s3://, yt-dlp pages) to
@@ -78,26 +80,14 @@ def separate_library(
             system temp folder.
     """
     logger = get_run_logger()
-    catalog_path = str(catalog or default_catalog_path())
-    store = Catalog(catalog_path)
-    context = RunContext(
-        run_id=uuid.uuid4().hex,
-        separation=separation,
-        output=output,
-        limits=limits,
-        work_root=work_root or default_work_root(),
-    )
-    _, model, device = load_model(separation)  # fails the run early on a bad model or device
-    record = run_record(
-        context, flow_name="separate-library", sources=sources, model_signature=model.signature, device=device
-    )
-    store.start_run(record)
+    started = start_run("separate-library", sources, separation, output, limits, catalog, work_root)
+    pipeline, record = started.pipeline, started.record
+    context, store = pipeline.context, pipeline.catalog
     expanded = expand_sources(sources, limits.max_playlist_entries)
     logger.info("run %s: %d tracks from %d sources", context.run_id, len(expanded.tracks), len(sources))
     total = len(expanded.tracks) + len(expanded.problems)
     reporter().planned(total)
     progress = RunProgress(total)
-    pipeline = TrackPipeline(context, store)
     conclude = partial(_conclude, pipeline, progress)
     outcomes = [conclude(_unexpandable(source, reason)) for source, reason in expanded.problems]
     # Three tracks in flight: the next is fetched and decoded (leaving the catalog alone), this one
@@ -105,11 +95,11 @@ def separate_library(
     outcomes += overlapped(
         expanded.tracks, prepare=partial(pipeline.prepare, ask_catalog=False), work=pipeline.separate, finish=conclude
     )
-    store.finish_run(run_summary(context.run_id, outcomes, "completed"))
+    store.finish_run(run_summary(context.run_id, outcomes))
     summary = LibrarySummary(
         run_id=context.run_id,
         flow_run_id=record.flow_run_id,
-        catalog=catalog_path,
+        catalog=started.catalog_path,
         out=redact(normalise(output.out)),
         tracks=[TrackResult.of(o) for o in outcomes],
     )
@@ -121,4 +111,21 @@ def separate_library(
         summary.count("skipped"),
         summary.count("failed"),
     )
+    if summary.count("failed"):
+        failed = TracksFailed(summary)
+        return Failed(name=TRACKS_FAILED_STATE, message=str(failed), data=failed)
     return summary
+
+
+def library_summary(state: State[Any]) -> LibrarySummary:
+    """The summary of a finished `separate-library` run, clean or with failed tracks.
+
+    For callers holding the run's state (`separate_library(..., return_state=True)`); an error that
+    ended the run before its tracks (e.g. a model that cannot be loaded) is raised.
+    """
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, TracksFailed):
+        return result.summary
+    if isinstance(result, BaseException):
+        raise result
+    return cast(LibrarySummary, result)

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from prefect import flow
 
-from catalog import Catalog, default_catalog_path
-from flows.pipeline.runs import run_record, run_summary
-from flows.pipeline.track import TrackPipeline
-from flows.pipeline.workarea import default_work_root
-from tasks.core.records import RunContext, TrackOutcome
+from flows.pipeline.runs import run_summary, start_run
+from tasks.core.records import TrackOutcome
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
-from tasks.engine.models import load_model
 
 
 class TrackFailed(Exception):
@@ -41,23 +36,9 @@ def separate_track(
     `separate-library` does not call this flow per track (a subflow costs about a second of Prefect
     overhead): it runs the same phases as task runs of its own flow run.
     """
-    store = Catalog(catalog or default_catalog_path())
-    context = RunContext(
-        run_id=uuid.uuid4().hex,
-        separation=separation,
-        output=output,
-        limits=limits,
-        work_root=work_root or default_work_root(),
-    )
-    _, model, device = load_model(separation)
-    store.start_run(
-        run_record(
-            context, flow_name="separate-track", sources=[source], model_signature=model.signature, device=device
-        )
-    )
-    pipeline = TrackPipeline(context, store)
+    pipeline = start_run("separate-track", [source], separation, output, limits, catalog, work_root).pipeline
     outcome = pipeline.record(pipeline.process(source))
-    store.finish_run(run_summary(context.run_id, [outcome], "failed" if outcome.status == "failed" else "completed"))
+    pipeline.catalog.finish_run(run_summary(pipeline.context.run_id, [outcome]))
     if outcome.status == "failed":
         raise TrackFailed(outcome)
     return outcome

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real-architecture HTDemucs repo, synthetic and real audio, a Prefect harness."""
+"""Shared fixtures (a tiny real-architecture HTDemucs repo, real test data, a Prefect harness), the check that
+tests using them carry their markers, and the opt-in --strict-warnings. Helpers live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -7,9 +8,41 @@ from pathlib import Path
 import pytest
 
 from tasks.engine.model_repo import write_random_htdemucs
+from tests.helpers.constants import MODEL_NAME, TESTDATA
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
-MODEL_NAME = "tiny"
+# A test using the fixture on the left must carry the marker on the right, so that `-m "not prefect_server"`
+# really starts no Prefect server and `-m "not testdata"` really needs no ../shared/testdata.
+FIXTURE_MARKERS = {"prefect_harness": "prefect_server", "testdata": "testdata"}
+# With --strict-warnings, these become errors; the third-party filters in pyproject.toml still apply.
+STRICT_WARNINGS = ("error::DeprecationWarning", "error::PendingDeprecationWarning", "error::FutureWarning")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--strict-warnings",
+        action="store_true",
+        help="turn deprecation warnings into errors, except those pyproject.toml filters by name",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--strict-warnings"):
+        # Later filters win: the errors go first, then the known third-party filters again, on top of them.
+        # (`-W error::DeprecationWarning` would override every filter in pyproject.toml.)
+        known = list(config.getini("filterwarnings"))
+        for line in (*STRICT_WARNINGS, *known):
+            config.addinivalue_line("filterwarnings", line)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        f"{item.nodeid} uses the {fixture!r} fixture but is not marked {marker!r}"
+        for item in items
+        for fixture, marker in FIXTURE_MARKERS.items()
+        if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("\n".join(["missing markers (see conftest.FIXTURE_MARKERS):", *unmarked]))
 
 
 @pytest.fixture(scope="session")

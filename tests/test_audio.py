@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from audiogen import CODECS, EXTENSIONS, audio_file, float_wav_with_nan, stem_file, music
 
-from tasks.steps.decode import decode_to_array
-from tasks.steps.encode import encode
 from tasks.core.errors import DecodeError, InvalidAudioError
 from tasks.core.settings import Limits, OutputSettings
+from tasks.steps.encode import encode
 from tasks.steps.validate import probe
+from tests.helpers.audio import decode_to_array
+from tests.helpers.audiogen import CODECS, EXTENSIONS, audio_file, float_wav_with_nan, music, stem_file
 
 SR = 44100
 # Lossy codecs add encoder delay/padding; a decoded length within one codec frame is faithful.
@@ -47,6 +47,7 @@ def test_ni_stem_file_uses_the_mixture_stream(tmp_path: Path) -> None:
     assert info.is_stem_file and info.audio_streams == 5 and info.stream_index == 0
 
 
+@pytest.mark.testdata
 def test_real_musdb_stem_files(testdata: Path) -> None:
     for path in sorted((testdata / "musdb7").iterdir()):
         info = probe(path, Limits())
@@ -55,11 +56,14 @@ def test_real_musdb_stem_files(testdata: Path) -> None:
         assert abs(audio.shape[1] / SR - info.seconds) < 0.05, path.name
 
 
-@pytest.mark.parametrize("content,reason", [
-    (b"", "empty"),
-    (b"this is a text file, not audio\n" * 20, "not readable as audio"),
-    (b"RIFF\x24\x00\x00\x00WAVEfmt ", "not readable as audio"),
-])
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"", "empty"),
+        (b"this is a text file, not audio\n" * 20, "not readable as audio"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", "not readable as audio"),
+    ],
+)
 def test_garbage_is_rejected_with_a_reason(tmp_path: Path, content: bytes, reason: str) -> None:
     path = tmp_path / "broken.wav"
     path.write_bytes(content)
@@ -79,22 +83,26 @@ def test_truncated_flac_is_rejected(tmp_path: Path) -> None:
 def test_image_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "cover.m4a"
     import av
+
     with av.open(str(path), "w", format="ipod") as container:
         stream = container.add_stream("mpeg4", rate=1)
         stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
         frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
         for packet in [*stream.encode(frame), *stream.encode(None)]:
             container.mux(packet)
-    with pytest.raises(InvalidAudioError, match="no audio stream|not supported|not readable"):
+    with pytest.raises(InvalidAudioError, match=r"no audio stream|not supported|not readable"):
         probe(path, Limits())
 
 
-@pytest.mark.parametrize("limits,reason", [
-    (Limits(max_seconds=1.0), "over the limit"),
-    (Limits(max_file_bytes=1000), "over the limit of 1000"),
-    (Limits(max_channels=1), "channels"),
-    (Limits(min_sample_rate=48000), "sample rate"),
-])
+@pytest.mark.parametrize(
+    "limits,reason",
+    [
+        (Limits(max_seconds=1.0), "over the limit"),
+        (Limits(max_file_bytes=1000), "over the limit of 1000"),
+        (Limits(max_channels=1), "channels"),
+        (Limits(min_sample_rate=48000), "sample rate"),
+    ],
+)
 def test_limits(tmp_path: Path, limits: Limits, reason: str) -> None:
     path = audio_file(tmp_path, "long.wav", "wav", seconds=2.0)
     with pytest.raises(InvalidAudioError, match=reason):
@@ -105,7 +113,7 @@ def test_header_claiming_hours_decodes_only_the_samples_present(tmp_path: Path) 
     path = audio_file(tmp_path, "liar.wav", "wav", seconds=2.0)
     data = bytearray(path.read_bytes())
     data_at = data.index(b"data")
-    data[data_at + 4:data_at + 8] = (0x7FFFFFF0).to_bytes(4, "little")  # claims about 3.4 hours
+    data[data_at + 4 : data_at + 8] = (0x7FFFFFF0).to_bytes(4, "little")  # claims about 3.4 hours
     path.write_bytes(bytes(data))
     info = probe(path, Limits())  # FFmpeg clamps the claim to the file; we never allocate from it either
     assert decode_to_array(path, info, SR, Limits()).shape == (2, 2 * SR)
@@ -124,10 +132,17 @@ def test_nan_samples_are_rejected(tmp_path: Path) -> None:
         decode_to_array(path, probe(path, Limits()), SR, Limits())
 
 
-@pytest.mark.parametrize("fmt,bits,tolerance", [
-    ("wav", 16, 1.5 / 32767), ("wav", 24, 1.5 / 8388607), ("wav", 32, 0.0),
-    ("flac", 16, 1.5 / 32767), ("flac", 24, 1.5 / 8388607), ("mp3", 16, None),
-])
+@pytest.mark.parametrize(
+    "fmt,bits,tolerance",
+    [
+        ("wav", 16, 1.5 / 32767),
+        ("wav", 24, 1.5 / 8388607),
+        ("wav", 32, 0.0),
+        ("flac", 16, 1.5 / 32767),
+        ("flac", 24, 1.5 / 8388607),
+        ("mp3", 16, None),
+    ],
+)
 def test_encode_round_trip(tmp_path: Path, fmt: str, bits: int, tolerance: float | None) -> None:
     audio = music(1.0)
     path = tmp_path / f"stem.{fmt}"

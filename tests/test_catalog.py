@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -11,59 +10,19 @@ import pytest
 
 from catalog import Catalog, CatalogError, CatalogValidationError, default_catalog_path
 from catalog.schema import SCHEMA_VERSION, STEPS, TABLES, column_types, create_table_statements
-from tasks.core.records import (AudioInfo, PublishedStem, PublishedTrack, RunRecord, RunSummary, StemQuality,
-                           TrackOutcome, TrackQuality)
-
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
-STEM_NAMES = ("drums", "bass", "other", "vocals")
-OUT = "/data/out"
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def make_run(run_id: str = "run-1", **changes: object) -> RunRecord:
-    fields: dict = dict(run_id=run_id, flow_run_id="flow-run-1", flow_name="separate-library", started_at=T0,
-                        parameters={"model": "htdemucs", "shifts": 1}, sources=["/music"], out=OUT,
-                        model_name="htdemucs", model_signature="955717e8", device="cpu",
-                        code_version="0.1.0", hostname="box")
-    return RunRecord(**{**fields, **changes})
-
-
-def make_succeeded(name: str, *, start: datetime = T0, out: str = OUT, job_key: str | None = None,
-                   stems: tuple[str, ...] = STEM_NAMES, scored: tuple[str, ...] = STEM_NAMES,
-                   **changes: object) -> TrackOutcome:
-    folder = f"{out}/{name}"
-    published = PublishedTrack(
-        manifest_uri=f"{folder}/manifest.json", track_uri=folder,
-        stems=[PublishedStem(stem=s, uri=f"{folder}/{s}.flac", sha256=sha(name + s), seconds=30.0,
-                             bytes=1000 + i, format="flac") for i, s in enumerate(stems)])
-    quality = TrackQuality(residual_db=-42.5, stems=[
-        StemQuality(stem=s, peak_dbfs=-1.0 - i, rms_dbfs=-20.0 - i, silence_ratio=0.1 * i, clipped_ratio=0.0,
-                    energy_share_db=-6.0 - i) for i, s in enumerate(scored)])
-    fields: dict = dict(
-        source=f"/music/{name}.mp3", status="succeeded", content_sha256=sha(name), job_key=job_key or f"job-{name}",
-        started_at=start, finished_at=start + timedelta(seconds=9),
-        step_seconds={step: 1.0 + i for i, step in enumerate(STEPS)}, audio_seconds=30.0,
-        info=AudioInfo(container="mp3", codec="mp3", stream_index=0, audio_streams=1, sample_rate=44100,
-                       channels=2, seconds=30.0),
-        origin={"path": f"/music/{name}.mp3", "title": None}, quality=quality, published=published,
-        flow_run_id="flow-run-1")
-    return TrackOutcome(**{**fields, **changes})
-
-
-def make_failed(name: str = "broken") -> TrackOutcome:
-    return TrackOutcome(source=f"/music/{name}.mp3", status="failed", content_sha256=sha(name),
-                        job_key=f"job-{name}", error="not audio: no audio stream", error_step="validate",
-                        started_at=T0, finished_at=T0 + timedelta(seconds=1),
-                        step_seconds={"fetch": 0.5, "validate": 0.25})
-
-
-def make_skipped(name: str = "again") -> TrackOutcome:
-    return TrackOutcome(source=f"/music/{name}.mp3", status="skipped", content_sha256=sha(name),
-                        job_key=f"job-{name}", started_at=T0, finished_at=T0 + timedelta(seconds=1),
-                        step_seconds={"fetch": 0.5})
+from tasks.core.records import RunSummary, TrackOutcome
+from tests.helpers.records import (
+    OUT,
+    STEM_NAMES,
+    T0,
+    make_failed,
+    make_run,
+    make_skipped,
+    make_succeeded,
+    read_plain,
+    recorded_library,
+    sha,
+)
 
 
 @pytest.fixture
@@ -82,14 +41,6 @@ def started(catalog: Catalog) -> Catalog:
     return catalog
 
 
-def recorded_library(catalog: Catalog) -> dict[str, str]:
-    """2 succeeded tracks (4 stems each), 1 failed, 1 skipped; returns source name -> track_id."""
-    catalog.start_run(make_run())
-    outcomes = {"a": make_succeeded("a"), "b": make_succeeded("b"), "broken": make_failed(),
-                "again": make_skipped()}
-    return {name: catalog.record_track("run-1", outcome) for name, outcome in outcomes.items()}
-
-
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict[str, str]]:
     """One recorded library shared by the tests that only read it (keeps the suite fast)."""
@@ -97,16 +48,9 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Catalog, dict[str
     return catalog, recorded_library(catalog)
 
 
-def read_plain(path: Path, sql: str) -> list[tuple]:
-    """Read the file the way an analyst would: a separate read-only DuckDB connection."""
-    with duckdb.connect(str(path), read_only=True) as con:
-        con.execute("SET TimeZone = 'UTC'")
-        return con.execute(sql).fetchall()
-
-
 def as_dicts(catalog: Catalog, sql: str) -> list[dict]:
     columns, rows = catalog.query(sql)
-    return [dict(zip(columns, row)) for row in rows]
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 # -- a whole run -----------------------------------------------------------------------------------
@@ -125,9 +69,13 @@ def test_library_run_rows_and_counts(library: tuple[Catalog, dict[str, str]]) ->
     assert catalog.counts() == {"schema_version": 1, "runs": 1, "tracks": 4, "stems": 8}
     assert len(set(ids.values())) == 4 and all(len(i) == 32 for i in ids.values())
     assert read_plain(path, "SELECT status, count(*) FROM tracks GROUP BY status ORDER BY status") == [
-        ("failed", 1), ("skipped", 1), ("succeeded", 2)]
-    assert read_plain(path, "SELECT track_id, count(*), sum(bytes) FROM stems GROUP BY track_id ORDER BY 1") == \
-        sorted((ids[n], 4, 4006) for n in ("a", "b"))
+        ("failed", 1),
+        ("skipped", 1),
+        ("succeeded", 2),
+    ]
+    assert read_plain(path, "SELECT track_id, count(*), sum(bytes) FROM stems GROUP BY track_id ORDER BY 1") == sorted(
+        (ids[n], 4, 4006) for n in ("a", "b")
+    )
 
 
 def test_succeeded_track_row_flattens_the_outcome(library: tuple[Catalog, dict[str, str]]) -> None:
@@ -135,26 +83,49 @@ def test_succeeded_track_row_flattens_the_outcome(library: tuple[Catalog, dict[s
     [row] = as_dicts(catalog, f"SELECT * FROM tracks WHERE track_id = '{ids['a']}'")
 
     assert row == {
-        "run_id": "run-1", "track_id": ids["a"], "source": "/music/a.mp3", "content_sha256": sha("a"),
-        "job_key": "job-a", "status": "succeeded", "error": None, "error_step": None,
-        "started_at": T0, "finished_at": T0 + timedelta(seconds=9),
-        "fetch_s": 1.0, "validate_s": 2.0, "decode_s": 3.0, "separate_s": 4.0, "score_s": 5.0, "publish_s": 6.0,
-        "audio_seconds": 30.0, "container": "mp3", "codec": "mp3", "sample_rate": 44100, "channels": 2,
-        "is_stem_file": False, "origin": '{"path": "/music/a.mp3", "title": null}', "residual_db": -42.5,
-        "manifest_uri": f"{OUT}/a/manifest.json", "track_uri": f"{OUT}/a", "flow_run_id": "flow-run-1"}
+        "run_id": "run-1",
+        "track_id": ids["a"],
+        "source": "/music/a.mp3",
+        "content_sha256": sha("a"),
+        "job_key": "job-a",
+        "status": "succeeded",
+        "error": None,
+        "error_step": None,
+        "started_at": T0,
+        "finished_at": T0 + timedelta(seconds=9),
+        "fetch_s": 1.0,
+        "validate_s": 2.0,
+        "decode_s": 3.0,
+        "separate_s": 4.0,
+        "score_s": 5.0,
+        "publish_s": 6.0,
+        "audio_seconds": 30.0,
+        "container": "mp3",
+        "codec": "mp3",
+        "sample_rate": 44100,
+        "channels": 2,
+        "is_stem_file": False,
+        "origin": '{"path": "/music/a.mp3", "title": null}',
+        "residual_db": -42.5,
+        "manifest_uri": f"{OUT}/a/manifest.json",
+        "track_uri": f"{OUT}/a",
+        "flow_run_id": "flow-run-1",
+    }
 
 
-def test_failed_and_skipped_rows_keep_error_and_leave_unrun_steps_null(
-        library: tuple[Catalog, dict[str, str]]) -> None:
-    rows = read_plain(library[0].path, """
+def test_failed_and_skipped_rows_keep_error_and_leave_unrun_steps_null(library: tuple[Catalog, dict[str, str]]) -> None:
+    rows = read_plain(
+        library[0].path,
+        """
         SELECT source, status, error, error_step, fetch_s, validate_s, decode_s, publish_s, container,
                manifest_uri, (SELECT count(*) FROM stems s WHERE s.track_id = t.track_id)
-        FROM tracks t WHERE status <> 'succeeded' ORDER BY source""")
+        FROM tracks t WHERE status <> 'succeeded' ORDER BY source""",
+    )
 
     assert rows == [
         ("/music/again.mp3", "skipped", None, None, 0.5, None, None, None, None, None, 0),
-        ("/music/broken.mp3", "failed", "not audio: no audio stream", "validate", 0.5, 0.25, None, None, None,
-         None, 0)]
+        ("/music/broken.mp3", "failed", "not audio: no audio stream", "validate", 0.5, 0.25, None, None, None, None, 0),
+    ]
 
 
 def test_stem_rows_join_quality_by_stem_name(library: tuple[Catalog, dict[str, str]]) -> None:
@@ -163,10 +134,22 @@ def test_stem_rows_join_quality_by_stem_name(library: tuple[Catalog, dict[str, s
 
     assert [r["stem"] for r in rows] == list(STEM_NAMES)
     assert rows[1] == {
-        "run_id": "run-1", "track_id": ids["b"], "content_sha256": sha("b"), "job_key": "job-b", "stem": "bass",
-        "uri": f"{OUT}/b/bass.flac", "sha256": sha("bbass"), "seconds": 30.0, "bytes": 1001, "format": "flac",
-        "peak_dbfs": -2.0, "rms_dbfs": -21.0, "silence_ratio": 0.1, "clipped_ratio": 0.0,
-        "energy_share_db": -7.0}
+        "run_id": "run-1",
+        "track_id": ids["b"],
+        "content_sha256": sha("b"),
+        "job_key": "job-b",
+        "stem": "bass",
+        "uri": f"{OUT}/b/bass.flac",
+        "sha256": sha("bbass"),
+        "seconds": 30.0,
+        "bytes": 1001,
+        "format": "flac",
+        "peak_dbfs": -2.0,
+        "rms_dbfs": -21.0,
+        "silence_ratio": 0.1,
+        "clipped_ratio": 0.0,
+        "energy_share_db": -7.0,
+    }
 
 
 def test_stem_without_quality_gets_null_metrics(started: Catalog) -> None:
@@ -174,9 +157,9 @@ def test_stem_without_quality_gets_null_metrics(started: Catalog) -> None:
     outcome = make_succeeded("a", stems=("vocals", "drums"), scored=("drums", "bass"))
     track_id = started.record_track("run-1", outcome)
 
-    assert started.query(f"SELECT stem, peak_dbfs, silence_ratio FROM stems WHERE track_id = '{track_id}' "
-                         "ORDER BY stem") == (["stem", "peak_dbfs", "silence_ratio"],
-                                              [("drums", -1.0, 0.0), ("vocals", None, None)])
+    assert started.query(
+        f"SELECT stem, peak_dbfs, silence_ratio FROM stems WHERE track_id = '{track_id}' ORDER BY stem"
+    ) == (["stem", "peak_dbfs", "silence_ratio"], [("drums", -1.0, 0.0), ("vocals", None, None)])
 
 
 def test_timestamps_are_stored_in_utc(started: Catalog) -> None:
@@ -194,24 +177,51 @@ def test_started_run_is_running_with_null_outcome(started: Catalog) -> None:
     [row] = as_dicts(started, "SELECT * FROM runs")
 
     assert row == {
-        "run_id": "run-1", "flow_run_id": "flow-run-1", "flow_name": "separate-library", "started_at": T0,
-        "finished_at": None, "status": "running", "parameters": '{"model": "htdemucs", "shifts": 1}',
-        "sources": '["/music"]', "out": OUT, "model_name": "htdemucs", "model_signature": "955717e8",
-        "device": "cpu", "code_version": "0.1.0", "hostname": "box", "tracks_total": None,
-        "tracks_succeeded": None, "tracks_failed": None, "tracks_skipped": None, "audio_seconds": None,
-        "rebuilt_from": None}
+        "run_id": "run-1",
+        "flow_run_id": "flow-run-1",
+        "flow_name": "separate-library",
+        "started_at": T0,
+        "finished_at": None,
+        "status": "running",
+        "parameters": '{"model": "htdemucs", "shifts": 1}',
+        "sources": '["/music"]',
+        "out": OUT,
+        "model_name": "htdemucs",
+        "model_signature": "955717e8",
+        "device": "cpu",
+        "code_version": "0.1.0",
+        "hostname": "box",
+        "tracks_total": None,
+        "tracks_succeeded": None,
+        "tracks_failed": None,
+        "tracks_skipped": None,
+        "audio_seconds": None,
+        "rebuilt_from": None,
+    }
 
 
 @pytest.mark.parametrize("status", ["completed", "failed"])
 def test_finish_run_sets_status_and_counts(path: Path, catalog: Catalog, status: str) -> None:
     recorded_library(catalog)
     end = T0 + timedelta(minutes=5)
-    catalog.finish_run(RunSummary(run_id="run-1", finished_at=end, status=status, tracks_total=4,
-                                  tracks_succeeded=2, tracks_failed=1, tracks_skipped=1, audio_seconds=60.0))
+    catalog.finish_run(
+        RunSummary(
+            run_id="run-1",
+            finished_at=end,
+            status=status,
+            tracks_total=4,
+            tracks_succeeded=2,
+            tracks_failed=1,
+            tracks_skipped=1,
+            audio_seconds=60.0,
+        )
+    )
 
-    assert read_plain(path, "SELECT status, finished_at, tracks_total, tracks_succeeded, tracks_failed, "
-                            "tracks_skipped, audio_seconds, flow_name FROM runs") == [
-        (status, end, 4, 2, 1, 1, 60.0, "separate-library")]
+    assert read_plain(
+        path,
+        "SELECT status, finished_at, tracks_total, tracks_succeeded, tracks_failed, "
+        "tracks_skipped, audio_seconds, flow_name FROM runs",
+    ) == [(status, end, 4, 2, 1, 1, 60.0, "separate-library")]
     assert catalog.counts()["runs"] == 1
 
 
@@ -225,14 +235,32 @@ def test_unknown_run_is_refused_and_nothing_written(catalog: Catalog) -> None:
     with pytest.raises(CatalogError, match="never started"):
         catalog.record_track("nope", make_succeeded("a"))
     with pytest.raises(CatalogError, match="never started"):
-        catalog.finish_run(RunSummary(run_id="nope", finished_at=T0, status="completed", tracks_total=0,
-                                      tracks_succeeded=0, tracks_failed=0, tracks_skipped=0, audio_seconds=0))
+        catalog.finish_run(
+            RunSummary(
+                run_id="nope",
+                finished_at=T0,
+                status="completed",
+                tracks_total=0,
+                tracks_succeeded=0,
+                tracks_failed=0,
+                tracks_skipped=0,
+                audio_seconds=0,
+            )
+        )
     assert catalog.counts() == {"schema_version": 1, "runs": 0, "tracks": 0, "stems": 0}
 
 
 def test_invalid_summary_leaves_run_running(started: Catalog) -> None:
-    summary = RunSummary(run_id="run-1", finished_at=T0 + timedelta(minutes=1), status="completed",
-                         tracks_total=1, tracks_succeeded=2, tracks_failed=0, tracks_skipped=0, audio_seconds=1.0)
+    summary = RunSummary(
+        run_id="run-1",
+        finished_at=T0 + timedelta(minutes=1),
+        status="completed",
+        tracks_total=1,
+        tracks_succeeded=2,
+        tracks_failed=0,
+        tracks_skipped=0,
+        audio_seconds=1.0,
+    )
     with pytest.raises(CatalogValidationError, match=r"runs: failed tracks_succeeded \+ tracks_failed"):
         started.finish_run(summary)
     assert started.query("SELECT status, tracks_total FROM runs")[1] == [("running", None)]
@@ -258,22 +286,33 @@ def _bad_silence(outcome: TrackOutcome) -> TrackOutcome:
 
 BAD_OUTCOMES = {
     "stem sha256 not hex": (lambda: _bad_stem_sha(make_succeeded("a")), r"stems\.sha256: failed str_matches"),
-    "failed without error": (lambda: make_failed().model_copy(update={"error": None}),
-                             "tracks: failed a failed track has a non-empty error"),
-    "failed with empty error": (lambda: make_failed().model_copy(update={"error": ""}),
-                                "a failed track has a non-empty error"),
+    "failed without error": (
+        lambda: make_failed().model_copy(update={"error": None}),
+        "tracks: failed a failed track has a non-empty error",
+    ),
+    "failed with empty error": (
+        lambda: make_failed().model_copy(update={"error": ""}),
+        "a failed track has a non-empty error",
+    ),
     "succeeded with error": (lambda: make_succeeded("a", error="boom"), "a succeeded track has no error"),
     "succeeded unpublished": (lambda: make_succeeded("a", published=None), "a succeeded track has"),
-    "uppercase content sha": (lambda: make_succeeded("a", content_sha256=sha("a").upper()),
-                              r"tracks\.content_sha256: failed str_matches"),
-    "negative step seconds": (lambda: make_succeeded("a", step_seconds={"fetch": -1.0}),
-                              r"tracks\.fetch_s: failed greater_than_or_equal_to\(0\)"),
-    "unknown status": (lambda: make_skipped().model_copy(update={"status": "done"}),
-                       r"tracks\.status: failed isin"),
-    "finished before started": (lambda: make_succeeded("a", finished_at=T0 - timedelta(seconds=1)),
-                                "tracks: failed finished_at >= started_at"),
-    "naive datetime": (lambda: make_failed().model_copy(update={"started_at": datetime(2025, 3, 1)}),
-                       "tracks.started_at: naive datetime"),
+    "uppercase content sha": (
+        lambda: make_succeeded("a", content_sha256=sha("a").upper()),
+        r"tracks\.content_sha256: failed str_matches",
+    ),
+    "negative step seconds": (
+        lambda: make_succeeded("a", step_seconds={"fetch": -1.0}),
+        r"tracks\.fetch_s: failed greater_than_or_equal_to\(0\)",
+    ),
+    "unknown status": (lambda: make_skipped().model_copy(update={"status": "done"}), r"tracks\.status: failed isin"),
+    "finished before started": (
+        lambda: make_succeeded("a", finished_at=T0 - timedelta(seconds=1)),
+        "tracks: failed finished_at >= started_at",
+    ),
+    "naive datetime": (
+        lambda: make_failed().model_copy(update={"started_at": datetime(2025, 3, 1)}),  # noqa: DTZ001 - naive on purpose
+        "tracks.started_at: naive datetime",
+    ),
     "silence ratio above 1": (lambda: _bad_silence(make_succeeded("a")), r"stems\.silence_ratio: failed in_range"),
     "stem published twice": (lambda: _duplicate_stem(make_succeeded("a")), "stems: failed"),
 }
@@ -304,7 +343,7 @@ def test_bad_track_raises_and_writes_nothing(one_good_track: Catalog, make_outco
 def test_an_unknown_step_cannot_even_be_recorded_in_an_outcome() -> None:
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="fetch.*validate.*decode.*separate.*score.*publish"):
+    with pytest.raises(ValidationError, match=r"fetch.*validate.*decode.*separate.*score.*publish"):
         make_succeeded("a", step_seconds={"upload": 1.0})
 
 
@@ -354,19 +393,31 @@ def test_default_catalog_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 
 
 def test_every_pandera_column_is_a_duckdb_column(path: Path, catalog: Catalog) -> None:
-    stored = read_plain(path, "SELECT table_name, column_name, data_type, is_nullable "
-                              "FROM information_schema.columns JOIN information_schema.tables USING (table_name) "
-                              "WHERE table_type = 'BASE TABLE'")
-    expected = {(table, column, sql_type, "YES" if nullable else "NO")
-                for table, model in TABLES.items()
-                for column, (sql_type, nullable) in column_types(model).items()}
+    stored = read_plain(
+        path,
+        "SELECT table_name, column_name, data_type, is_nullable "
+        "FROM information_schema.columns JOIN information_schema.tables USING (table_name) "
+        "WHERE table_type = 'BASE TABLE'",
+    )
+    expected = {
+        (table, column, sql_type, "YES" if nullable else "NO")
+        for table, model in TABLES.items()
+        for column, (sql_type, nullable) in column_types(model).items()
+    }
     assert {(t, c, d.replace("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ"), n) for t, c, d, n in stored} == expected
 
 
-@pytest.mark.parametrize("table, column, sql_type", [
-    ("runs", "tracks_total", "BIGINT"), ("runs", "started_at", "TIMESTAMPTZ"), ("tracks", "origin", "VARCHAR"),
-    ("tracks", "is_stem_file", "BOOLEAN"), ("stems", "seconds", "DOUBLE"), ("stems", "bytes", "BIGINT"),
-])
+@pytest.mark.parametrize(
+    "table, column, sql_type",
+    [
+        ("runs", "tracks_total", "BIGINT"),
+        ("runs", "started_at", "TIMESTAMPTZ"),
+        ("tracks", "origin", "VARCHAR"),
+        ("tracks", "is_stem_file", "BOOLEAN"),
+        ("stems", "seconds", "DOUBLE"),
+        ("stems", "bytes", "BIGINT"),
+    ],
+)
 def test_dtype_mapping(table: str, column: str, sql_type: str) -> None:
     assert column_types(TABLES[table])[column][0] == sql_type
 
@@ -388,8 +439,9 @@ def test_recorded_manifest_uri_finds_latest_succeeded_under_prefix(started: Cata
     later = T0 + timedelta(hours=1)
     started.record_track("run-1", make_succeeded("old-name", job_key="job-x"))
     started.record_track("run-1", make_succeeded("new-name", job_key="job-x", start=later))
-    started.record_track("run-1", make_succeeded("elsewhere", job_key="job-x", out="/data/out-old",
-                                                 start=later + timedelta(hours=1)))
+    started.record_track(
+        "run-1", make_succeeded("elsewhere", job_key="job-x", out="/data/out-old", start=later + timedelta(hours=1))
+    )
     failed = make_failed("ignored").model_copy(update={"job_key": "job-y"})
     started.record_track("run-1", failed)
 

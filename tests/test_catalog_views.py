@@ -12,14 +12,14 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from test_catalog import T0, make_failed, make_run, make_succeeded, read_plain, recorded_library, sha
 
 from catalog import Catalog, CatalogError
 from catalog.errors import CatalogBusyError
 from catalog.schema import SCHEMA_VERSION, TABLES
 from catalog.views import VIEWS
-from tasks.io.faults import is_transient
 from tasks.core.records import RunSummary
+from tasks.io.faults import is_transient
+from tests.helpers.records import T0, make_failed, make_run, make_succeeded, read_plain, recorded_library, sha
 
 V1_DDL = Path(__file__).parent / "data" / "catalog_v1.sql"
 
@@ -32,19 +32,24 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     recorded_library(catalog)
     later = T0 + timedelta(days=1)
     catalog.start_run(make_run("run-2", flow_run_id="flow-run-2", device="cuda", started_at=later))
-    catalog.record_track("run-2", make_failed("a").model_copy(update={
-        "content_sha256": sha("a"), "started_at": later, "finished_at": later + timedelta(seconds=1)}))
+    catalog.record_track(
+        "run-2",
+        make_failed("a").model_copy(
+            update={"content_sha256": sha("a"), "started_at": later, "finished_at": later + timedelta(seconds=1)}
+        ),
+    )
     for name in ("x", "y"):
         failed = make_failed(name)
-        catalog.record_track("run-2", failed.model_copy(update={"error": f"{failed.source}: truncated file",
-                                                                 "error_step": "decode"}))
+        catalog.record_track(
+            "run-2", failed.model_copy(update={"error": f"{failed.source}: truncated file", "error_step": "decode"})
+        )
     catalog.record_track("run-2", make_succeeded("c", start=later))
     return catalog
 
 
 def view(catalog: Catalog, sql: str) -> list[dict]:
     columns, rows = catalog.query(sql)
-    return [dict(zip(columns, row)) for row in rows]
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def test_lineage_traces_each_stem_file_to_source_model_code_and_runs(history: Catalog) -> None:
@@ -52,13 +57,36 @@ def test_lineage_traces_each_stem_file_to_source_model_code_and_runs(history: Ca
 
     assert len(rows) == 12 == history.counts()["stems"]
     [bass_of_a] = [r for r in rows if r["stem_uri"] == "/data/out/a/bass.flac"]
-    assert {k: bass_of_a[k] for k in ("stem", "stem_sha256", "source", "content_sha256", "model_name",
-                                      "model_signature", "code_version", "run_id", "flow_run_id",
-                                      "track_flow_run_id", "manifest_uri", "rebuilt_from")} == {
-        "stem": "bass", "stem_sha256": sha("abass"), "source": "/music/a.mp3", "content_sha256": sha("a"),
-        "model_name": "htdemucs", "model_signature": "955717e8", "code_version": "0.1.0", "run_id": "run-1",
-        "flow_run_id": "flow-run-1", "track_flow_run_id": "flow-run-1",
-        "manifest_uri": "/data/out/a/manifest.json", "rebuilt_from": None}
+    assert {
+        k: bass_of_a[k]
+        for k in (
+            "stem",
+            "stem_sha256",
+            "source",
+            "content_sha256",
+            "model_name",
+            "model_signature",
+            "code_version",
+            "run_id",
+            "flow_run_id",
+            "track_flow_run_id",
+            "manifest_uri",
+            "rebuilt_from",
+        )
+    } == {
+        "stem": "bass",
+        "stem_sha256": sha("abass"),
+        "source": "/music/a.mp3",
+        "content_sha256": sha("a"),
+        "model_name": "htdemucs",
+        "model_signature": "955717e8",
+        "code_version": "0.1.0",
+        "run_id": "run-1",
+        "flow_run_id": "flow-run-1",
+        "track_flow_run_id": "flow-run-1",
+        "manifest_uri": "/data/out/a/manifest.json",
+        "rebuilt_from": None,
+    }
     assert json.loads(bass_of_a["parameters"]) == {"model": "htdemucs", "shifts": 1}
     assert json.loads(bass_of_a["origin"]) == {"path": "/music/a.mp3", "title": None}
 
@@ -69,7 +97,11 @@ def test_track_latest_is_one_row_per_content_with_its_newest_outcome(history: Ca
 
     assert len(rows) == len(latest) == 7  # a (twice), b, broken, again, x, y, c: each once
     assert {k: latest[sha("a")][k] for k in ("status", "run_id", "outcomes", "times_succeeded")} == {
-        "status": "failed", "run_id": "run-2", "outcomes": 2, "times_succeeded": 1}
+        "status": "failed",
+        "run_id": "run-2",
+        "outcomes": 2,
+        "times_succeeded": 1,
+    }
     assert latest[sha("b")]["status"] == "succeeded" and latest[sha("again")]["status"] == "skipped"
 
 
@@ -78,24 +110,49 @@ def test_failures_group_the_same_reason_across_files(history: Catalog) -> None:
 
     assert rows == [
         {"step": "validate", "reason": "not audio: no audio stream", "reason_count": 2, "source": "/music/a.mp3"},
-        {"step": "validate", "reason": "not audio: no audio stream", "reason_count": 2,
-         "source": "/music/broken.mp3"},
+        {"step": "validate", "reason": "not audio: no audio stream", "reason_count": 2, "source": "/music/broken.mp3"},
         {"step": "decode", "reason": "<source>: truncated file", "reason_count": 2, "source": "/music/x.mp3"},
-        {"step": "decode", "reason": "<source>: truncated file", "reason_count": 2, "source": "/music/y.mp3"}]
+        {"step": "decode", "reason": "<source>: truncated file", "reason_count": 2, "source": "/music/y.mp3"},
+    ]
 
 
 def test_throughput_by_day_model_and_device_with_time_per_step(history: Catalog) -> None:
     rows = view(history, "SELECT * FROM throughput ORDER BY day")
 
     assert rows == [
-        {"day": date(2025, 3, 1), "model_name": "htdemucs", "model_signature": "955717e8", "device": "cpu",
-         "tracks": 2, "audio_seconds": 60.0, "wall_seconds": 18.0, "audio_s_per_wall_s": pytest.approx(60 / 18),
-         "mean_fetch_s": 1.0, "mean_validate_s": 2.0, "mean_decode_s": 3.0, "mean_separate_s": 4.0,
-         "mean_score_s": 5.0, "mean_publish_s": 6.0},
-        {"day": date(2025, 3, 2), "model_name": "htdemucs", "model_signature": "955717e8", "device": "cuda",
-         "tracks": 1, "audio_seconds": 30.0, "wall_seconds": 9.0, "audio_s_per_wall_s": pytest.approx(30 / 9),
-         "mean_fetch_s": 1.0, "mean_validate_s": 2.0, "mean_decode_s": 3.0, "mean_separate_s": 4.0,
-         "mean_score_s": 5.0, "mean_publish_s": 6.0}]
+        {
+            "day": date(2025, 3, 1),
+            "model_name": "htdemucs",
+            "model_signature": "955717e8",
+            "device": "cpu",
+            "tracks": 2,
+            "audio_seconds": 60.0,
+            "wall_seconds": 18.0,
+            "audio_s_per_wall_s": pytest.approx(60 / 18),
+            "mean_fetch_s": 1.0,
+            "mean_validate_s": 2.0,
+            "mean_decode_s": 3.0,
+            "mean_separate_s": 4.0,
+            "mean_score_s": 5.0,
+            "mean_publish_s": 6.0,
+        },
+        {
+            "day": date(2025, 3, 2),
+            "model_name": "htdemucs",
+            "model_signature": "955717e8",
+            "device": "cuda",
+            "tracks": 1,
+            "audio_seconds": 30.0,
+            "wall_seconds": 9.0,
+            "audio_s_per_wall_s": pytest.approx(30 / 9),
+            "mean_fetch_s": 1.0,
+            "mean_validate_s": 2.0,
+            "mean_decode_s": 3.0,
+            "mean_separate_s": 4.0,
+            "mean_score_s": 5.0,
+            "mean_publish_s": 6.0,
+        },
+    ]
 
 
 def test_views_work_from_a_plain_read_only_duckdb_connection(history: Catalog) -> None:
@@ -112,8 +169,10 @@ def test_export_writes_every_table_and_view(history: Catalog, tmp_path: Path, fm
     with duckdb.connect() as con:
         for file in files:
             name = file.stem
-            assert con.execute(f"SELECT count(*) FROM {reader}('{file}')").fetchone()[0] == \
-                history.query(f'SELECT count(*) FROM "{name}"')[1][0][0], name
+            assert (
+                con.execute(f"SELECT count(*) FROM {reader}('{file}')").fetchone()[0]
+                == history.query(f'SELECT count(*) FROM "{name}"')[1][0][0]
+            ), name
         exported = con.execute(f"SELECT list_sort(list(stem_uri)) FROM {reader}('{tmp_path}/export/lineage.{fmt}')")
         assert exported.fetchone()[0] == sorted(r[0] for r in history.query("SELECT stem_uri FROM lineage")[1])
 
@@ -128,8 +187,10 @@ def test_stems_recorded_knows_which_manifests_have_their_stems(tmp_path: Path) -
     catalog.start_run(make_run())
     catalog.record_track("run-1", make_succeeded("a"))
     bare = make_succeeded("b")  # e.g. a skip that found the manifest but recorded no stems
-    catalog.record_track("run-1", bare.model_copy(update={
-        "status": "skipped", "published": bare.published.model_copy(update={"stems": []})}))
+    catalog.record_track(
+        "run-1",
+        bare.model_copy(update={"status": "skipped", "published": bare.published.model_copy(update={"stems": []})}),
+    )
 
     assert catalog.stems_recorded("/data/out/a/manifest.json")
     assert not catalog.stems_recorded("/data/out/b/manifest.json")
@@ -144,18 +205,31 @@ def test_version_1_file_opens_upgraded_and_keeps_its_rows(tmp_path: Path) -> Non
     with duckdb.connect(str(path)) as con:  # a catalog exactly as the first release wrote it
         con.execute(V1_DDL.read_text())
         con.execute("INSERT INTO schema_version VALUES (1, TIMESTAMPTZ '2025-01-01 00:00:00+00')")
-        con.execute("INSERT INTO runs VALUES ('old-run', NULL, 'separate-library', TIMESTAMPTZ '2025-01-01 00:00:00+00',"
-                    " NULL, 'running', '{}', '[]', '/data/out', 'htdemucs', 'sig', 'cpu', '0.1.0', 'box',"
-                    " NULL, NULL, NULL, NULL, NULL)")
+        con.execute(
+            "INSERT INTO runs VALUES ('old-run', NULL, 'separate-library', TIMESTAMPTZ '2025-01-01 00:00:00+00',"
+            " NULL, 'running', '{}', '[]', '/data/out', 'htdemucs', 'sig', 'cpu', '0.1.0', 'box',"
+            " NULL, NULL, NULL, NULL, NULL)"
+        )
 
     catalog = Catalog(path)
 
-    assert catalog.query("SELECT version FROM schema_version ORDER BY version")[1] == \
-        [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    assert catalog.query("SELECT version FROM schema_version ORDER BY version")[1] == [
+        (v,) for v in range(1, SCHEMA_VERSION + 1)
+    ]
     assert catalog.query("SELECT run_id, status, rebuilt_from FROM runs")[1] == [("old-run", "running", None)]
     track_id = catalog.record_track("old-run", make_succeeded("a"))  # the new code writes into the old run
-    catalog.finish_run(RunSummary(run_id="old-run", finished_at=T0, status="completed", tracks_total=1,
-                                  tracks_succeeded=1, tracks_failed=0, tracks_skipped=0, audio_seconds=30.0))
+    catalog.finish_run(
+        RunSummary(
+            run_id="old-run",
+            finished_at=T0,
+            status="completed",
+            tracks_total=1,
+            tracks_succeeded=1,
+            tracks_failed=0,
+            tracks_skipped=0,
+            audio_seconds=30.0,
+        )
+    )
     assert catalog.query("SELECT count(*), min(track_id) FROM lineage")[1] == [(4, track_id)]
     assert Catalog(path).counts() == {"schema_version": SCHEMA_VERSION, "runs": 1, "tracks": 1, "stems": 4}
 
@@ -172,12 +246,14 @@ HOLD_LOCK = textwrap.dedent("""
 
 
 def _hold_lock(path: Path, seconds: float, mode: str = "read-write") -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds), mode],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path), str(seconds), mode], stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
 
+@pytest.mark.slow
 def test_current_file_is_opened_and_read_beside_an_analysts_session(tmp_path: Path) -> None:
     path = tmp_path / "c.duckdb"
     Catalog(path)
@@ -188,6 +264,7 @@ def test_current_file_is_opened_and_read_beside_an_analysts_session(tmp_path: Pa
         analyst.wait()
 
 
+@pytest.mark.slow
 def test_writer_waits_for_a_locked_file_then_writes(tmp_path: Path) -> None:
     path = tmp_path / "c.duckdb"
     catalog = Catalog(path)
@@ -201,13 +278,14 @@ def test_writer_waits_for_a_locked_file_then_writes(tmp_path: Path) -> None:
     assert catalog.query("SELECT run_id FROM runs")[1] == [("run-1",)]
 
 
+@pytest.mark.slow
 def test_writer_gives_up_after_its_timeout_with_a_retryable_error_and_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "c.duckdb"
     Catalog(path).start_run(make_run())
     impatient = Catalog(path, busy_timeout_s=0.3)
     holder = _hold_lock(path, 3)
     try:
-        with pytest.raises(CatalogBusyError, match="stayed locked by other processes for 0.3 s") as raised:
+        with pytest.raises(CatalogBusyError, match=r"stayed locked by other processes for 0.3 s") as raised:
             impatient.record_track("run-1", make_succeeded("a"))
     finally:
         holder.wait()

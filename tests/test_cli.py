@@ -9,10 +9,13 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from audiogen import audio_file
-from conftest import MODEL_NAME
+
+from tests.helpers.audiogen import audio_file
+from tests.helpers.constants import MODEL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # every test runs `stemworks` as a process
 
 
 def stemworks(*args: str, api_url: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess:
@@ -22,8 +25,15 @@ def stemworks(*args: str, api_url: str | None = None, home: Path | None = None) 
     else:  # ephemeral mode: the CLI starts its own temporary API server
         env.pop("PREFECT_API_URL", None)
         env["PREFECT_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +54,23 @@ def library(tmp_path: Path) -> Path:
     return music
 
 
+@pytest.mark.prefect_server
 def test_library_run_then_identical_rerun(library: Path, tmp_path: Path, model_repo: Path, api_url: str) -> None:
     out, catalog = tmp_path / "stems", tmp_path / "catalog.duckdb"
-    args = ["separate", str(library), "--model-repo", str(model_repo), "--model", MODEL_NAME, "--out", str(out),
-            "--catalog", str(catalog), "--shifts", "0"]
+    args = [
+        "separate",
+        str(library),
+        "--model-repo",
+        str(model_repo),
+        "--model",
+        MODEL_NAME,
+        "--out",
+        str(out),
+        "--catalog",
+        str(catalog),
+        "--shifts",
+        "0",
+    ]
     first = stemworks(*args, api_url=api_url)
     assert first.returncode == 1, first.stdout + first.stderr
     assert "3 succeeded, 0 skipped, 2 failed" in first.stdout
@@ -67,31 +90,107 @@ def test_library_run_then_identical_rerun(library: Path, tmp_path: Path, model_r
     assert statuses == [("failed", 4), ("skipped", 3), ("succeeded", 3)]
     assert all(error for _, error in reasons)
 
-    query = stemworks("catalog", "query", "SELECT count(*) AS n FROM stems", "--catalog", str(catalog),
-                      "--format", "csv", api_url=api_url)
+    query = stemworks(
+        "catalog",
+        "query",
+        "SELECT count(*) AS n FROM stems",
+        "--catalog",
+        str(catalog),
+        "--format",
+        "csv",
+        api_url=api_url,
+    )
     assert query.returncode == 0 and query.stdout.split() == ["n", "12"]
 
 
+@pytest.mark.prefect_server
+def test_several_runs_started_at_once_without_a_server_all_complete(tmp_path: Path, model_repo: Path) -> None:
+    """As users run it: no PREFECT_API_URL, one PREFECT_HOME, three processes at once on one catalog and output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    runs = []
+    for index in range(3):
+        source = audio_file(tmp_path / f"music{index}", f"song{index}.wav", "wav", seconds=1.0, seed=index)
+        command = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "separate",
+            str(source),
+            "--model-repo",
+            str(model_repo),
+            "--model",
+            MODEL_NAME,
+            "--out",
+            str(tmp_path / "stems"),
+            "--catalog",
+            str(tmp_path / "c.duckdb"),
+            "--shifts",
+            "0",
+        ]
+        runs.append(
+            subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = [(run.wait(timeout=900), *run.communicate()) for run in runs]
+    for code, out, err in results:
+        assert code == 0, out + err
+        assert "1 succeeded, 0 skipped, 0 failed" in out
+    with duckdb.connect(str(tmp_path / "c.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT status, count(*) FROM runs GROUP BY ALL").fetchall() == [("completed", 3)]
+    assert len(list((tmp_path / "stems").glob("*/manifest.json"))) == 3
+
+
+@pytest.mark.prefect_server
 def test_all_good_exits_zero_in_ephemeral_mode(tmp_path: Path, model_repo: Path) -> None:
     source = audio_file(tmp_path, "fine.flac", "flac", seconds=1.0)
-    result = stemworks("separate", str(source), "--model-repo", str(model_repo), "--model", MODEL_NAME,
-                       "--out", str(tmp_path / "o"), "--catalog", str(tmp_path / "c.duckdb"), "--format", "flac",
-                       "--bit-depth", "24", "--two-stems", "vocals", home=tmp_path / "prefect-home")
+    result = stemworks(
+        "separate",
+        str(source),
+        "--model-repo",
+        str(model_repo),
+        "--model",
+        MODEL_NAME,
+        "--out",
+        str(tmp_path / "o"),
+        "--catalog",
+        str(tmp_path / "c.duckdb"),
+        "--format",
+        "flac",
+        "--bit-depth",
+        "24",
+        "--two-stems",
+        "vocals",
+        home=tmp_path / "prefect-home",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(p.name for p in (tmp_path / "o").rglob("*.flac")) == ["no_vocals.flac", "vocals.flac"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--format", "ogg"], "invalid choice"),
-    (["--format", "flac", "--bit-depth", "32"], "flac stores 16 or 24 bits"),
-    (["--overlap", "1.5"], "overlap"),
-    (["--model", "missing_model"], "could not load model 'missing_model'"),
-    (["--two-stems", "kazoo"], "two_stems 'kazoo' is not a source"),
-])
+@pytest.mark.prefect_server
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--format", "ogg"], "invalid choice"),
+        (["--format", "flac", "--bit-depth", "32"], "flac stores 16 or 24 bits"),
+        (["--overlap", "1.5"], "overlap"),
+        (["--model", "missing_model"], "could not load model 'missing_model'"),
+        (["--two-stems", "kazoo"], "two_stems 'kazoo' is not a source"),
+    ],
+)
 def test_bad_usage_exits_two(args: list[str], message: str, tmp_path: Path, model_repo: Path, api_url: str) -> None:
     source = audio_file(tmp_path, "a.wav", "wav", seconds=0.5)
-    base = ["separate", str(source), "--model-repo", str(model_repo), "--model", MODEL_NAME,
-            "--out", str(tmp_path / "o"), "--catalog", str(tmp_path / "c.duckdb")]
+    base = [
+        "separate",
+        str(source),
+        "--model-repo",
+        str(model_repo),
+        "--model",
+        MODEL_NAME,
+        "--out",
+        str(tmp_path / "o"),
+        "--catalog",
+        str(tmp_path / "c.duckdb"),
+    ]
     result = stemworks(*base, *args, api_url=api_url)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stdout + result.stderr

@@ -11,8 +11,12 @@ from prefect.utilities.callables import parameter_schema, parameter_schema_from_
 from prefect.utilities.schema_tools import validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PLACEHOLDERS = {"{{ $STEMWORKS_CATALOG }}": "/srv/stemworks/catalog.duckdb", "{{ $STEMWORKS_OUT }}": "s3://stems/out",
-                "{{ $STEMWORKS_LIBRARY_ROOT }}": "/srv/music", "{{ $STEMWORKS_CODE_DIR }}": "/opt/stemworks"}
+PLACEHOLDERS = {
+    "{{ $STEMWORKS_CATALOG }}": "/srv/stemworks/catalog.duckdb",
+    "{{ $STEMWORKS_OUT }}": "s3://stems/out",
+    "{{ $STEMWORKS_LIBRARY_ROOT }}": "/srv/music",
+    "{{ $STEMWORKS_CODE_DIR }}": "/opt/stemworks",
+}
 
 
 def prefect_yaml() -> dict:
@@ -33,13 +37,17 @@ DEPLOYMENTS = {d["name"]: d for d in prefect_yaml()["deployments"]}
 
 def test_deployments_pools_and_nightly_guard() -> None:
     assert {name: d["work_pool"]["name"] for name, d in DEPLOYMENTS.items()} == {
-        "adhoc": "cpu", "adhoc-gpu": "gpu", "nightly": "gpu"}
+        "adhoc": "cpu",
+        "adhoc-gpu": "gpu",
+        "nightly": "gpu",
+    }
     nightly = DEPLOYMENTS["nightly"]
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
     assert DEPLOYMENTS["adhoc-gpu"]["parameters"]["separation"]["device"] == "cuda"
     assert prefect_yaml()["pull"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $STEMWORKS_CODE_DIR }}"}}]
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $STEMWORKS_CODE_DIR }}"}}
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))

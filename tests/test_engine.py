@@ -11,16 +11,16 @@ from demucs.apply import BagOfModels, apply_model
 from demucs.pretrained import get_model
 
 import tasks.engine.overlap_add as engine
+from tasks.core.records import ModelInfo, SeparatedStems
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings, job_key
 from tasks.engine.attention import FusedAttention, fused_attention
-from tasks.steps.decode import decode, decode_to_array
 from tasks.engine.overlap_add import EngineOptions, TrackFiles, output_names, separate_files
 from tasks.io.npyfile import NpyAudio
-from tasks.core.records import ModelInfo, SeparatedStems
-from tasks.steps.score import score, score_arrays
-from tasks.core.settings import Limits, OutputSettings, SeparationSettings, job_key
+from tasks.steps.decode import decode
+from tasks.steps.score import score
 from tasks.steps.validate import probe
-
-from conftest import MODEL_NAME
+from tests.helpers.audio import decode_to_array, score_arrays
+from tests.helpers.constants import MODEL_NAME
 
 SR = 44100
 SONG = "music/Kevin_MacLeod_-_Vibe_Ace.hq.ogg"
@@ -49,7 +49,7 @@ def model(model_repo: Path) -> torch.nn.Module:
 def song(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 s of real music (a segment of 7.8 s plus a ragged tail), decoded to a .npy on disk."""
     source = testdata / SONG
-    audio = decode_to_array(source, probe(source, Limits()), SR, Limits())[:, 20 * SR:32 * SR]
+    audio = decode_to_array(source, probe(source, Limits()), SR, Limits())[:, 20 * SR : 32 * SR]
     path = tmp_path_factory.mktemp("song") / "mixture.npy"
     np.save(path, np.ascontiguousarray(audio))
     return path
@@ -71,18 +71,24 @@ def ours(model: torch.nn.Module, mixture: Path, out_dir: Path, **options) -> np.
     return np.stack([np.load(files.stems[name]) for name in names])
 
 
+@pytest.mark.slow
+@pytest.mark.testdata
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_fp32_cpu_output_equals_demucs_apply_model(model, song: Path, tmp_path: Path, batch_size: int) -> None:
     expected = reference(model, np.load(song))
     got = ours(model, song, tmp_path, batch_size=batch_size)
-    for name, want, have in zip(model.sources, expected, got):
+    for name, want, have in zip(model.sources, expected, got, strict=True):
         assert sdr(want, have) >= 60.0, name
 
 
-def test_shifts_and_bags_of_models_match_apply_model(model, model_repo: Path, song: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    bag = BagOfModels([model, get_model(MODEL_NAME, repo=model_repo).eval()],
-                      weights=[[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+@pytest.mark.slow
+@pytest.mark.testdata
+def test_shifts_and_bags_of_models_match_apply_model(
+    model, model_repo: Path, song: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bag = BagOfModels(
+        [model, get_model(MODEL_NAME, repo=model_repo).eval()], weights=[[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]
+    )
     offsets = [20411, 8160, 0, 22050]
     import demucs.apply
 
@@ -90,10 +96,12 @@ def test_shifts_and_bags_of_models_match_apply_model(model, model_repo: Path, so
     expected = reference(bag, np.load(song), shifts=2)
     monkeypatch.setattr(engine, "random", FixedOffsets(offsets))
     got = ours(bag, song, tmp_path, shifts=2, batch_size=4)
-    for name, want, have in zip(bag.sources, expected, got):
+    for name, want, have in zip(bag.sources, expected, got, strict=True):
         assert sdr(want, have) >= 60.0, name
 
 
+@pytest.mark.slow
+@pytest.mark.testdata
 def test_two_stems_are_the_stem_and_the_sum_of_the_rest(model, song: Path, tmp_path: Path) -> None:
     expected = reference(model, np.load(song))
     got = ours(model, song, tmp_path, two_stems="vocals")
@@ -101,13 +109,16 @@ def test_two_stems_are_the_stem_and_the_sum_of_the_rest(model, song: Path, tmp_p
     assert sdr(expected[:3].sum(axis=0), got[1]) >= 60.0
 
 
+@pytest.mark.slow
+@pytest.mark.testdata
 def test_bf16_on_cpu_stays_close_to_float32(model, song: Path, tmp_path: Path) -> None:
     (tmp_path / "fp32").mkdir()
     fp32 = ours(model, song, tmp_path / "fp32")
     bf16 = ours(model, song, tmp_path, precision="bf16")
-    assert min(sdr(a, b) for a, b in zip(fp32, bf16)) >= 30.0
+    assert min(sdr(a, b) for a, b in zip(fp32, bf16, strict=True)) >= 30.0
 
 
+@pytest.mark.testdata
 def test_streaming_decode_equals_in_memory_decode(testdata: Path, tmp_path: Path) -> None:
     source = testdata / "musdb7" / "The Easton Ellises - Falcon 69.stem.mp4"
     info = probe(source, Limits())
@@ -119,6 +130,7 @@ def test_streaming_decode_equals_in_memory_decode(testdata: Path, tmp_path: Path
     assert not list(tmp_path.glob("*.ch1"))  # the side file for channel 1 is gone
 
 
+@pytest.mark.testdata
 def test_windowed_score_equals_whole_array_score(song: Path, tmp_path: Path) -> None:
     mixture = np.load(song)
     stems = {"a": mixture * 0.25, "b": mixture * 0.7, "quiet": np.zeros_like(mixture)}
@@ -132,11 +144,12 @@ def test_windowed_score_equals_whole_array_score(song: Path, tmp_path: Path) -> 
     windowed = score(str(song), separated)
     whole = score_arrays(mixture, stems, SR)
     assert windowed.residual_db == pytest.approx(whole.residual_db, abs=1e-6)
-    for got, want in zip(windowed.stems, whole.stems):
+    for got, want in zip(windowed.stems, whole.stems, strict=True):
         for field in ("peak_dbfs", "rms_dbfs", "silence_ratio", "clipped_ratio", "energy_share_db"):
             assert getattr(got, field) == pytest.approx(getattr(want, field), abs=1e-6), (got.stem, field)
 
 
+@pytest.mark.testdata
 def test_npy_windows_read_zeros_outside_the_track(song: Path) -> None:
     whole = np.load(song)
     with NpyAudio(song) as audio:
@@ -161,8 +174,7 @@ def test_fused_attention_equals_torch_multihead_attention(mask: str | None, cros
     plain = torch.nn.MultiheadAttention(48, 4, batch_first=True).eval()
     query = torch.randn(3, 37, 48)
     key = torch.randn(3, 23, 48) if cross else query
-    masks = {None: None, "bool": torch.rand(37, key.shape[1]) > 0.7,
-             "float": torch.randn(37, key.shape[1])}
+    masks = {None: None, "bool": torch.rand(37, key.shape[1]) > 0.7, "float": torch.randn(37, key.shape[1])}
     with torch.inference_mode():
         expected = plain(query, key, key, attn_mask=masks[mask], need_weights=False)[0]
         with fused_attention(plain) as switched:
@@ -172,6 +184,8 @@ def test_fused_attention_equals_torch_multihead_attention(mask: str | None, cros
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.testdata
 def test_engine_leaves_the_model_as_it_found_it(model, song: Path, tmp_path: Path) -> None:
     from tasks.engine.models import model_signature
 

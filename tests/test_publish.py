@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from audiogen import music
-from manifests import KEY, manifest_for
 
 from tasks.io.locations import redact
-from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, complete_manifest, manifest_uri
+from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, complete_manifest, manifest_uri
 from tasks.io.sources import expand_sources
 from tasks.steps.publish import publish, safe_name, track_folder
-
+from tests.helpers.audiogen import music
+from tests.helpers.manifests import KEY, manifest_for
 
 
 def stem_files(tmp_path: Path, names=("drums", "bass")) -> dict[str, Path]:
@@ -48,10 +47,11 @@ def test_publish_makes_folder_appear_complete(tmp_path: Path) -> None:
 def test_crash_while_publishing_leaves_no_visible_folder(tmp_path: Path) -> None:
     files = stem_files(tmp_path)
     files["vocals"] = tmp_path / "work" / "vocals.wav"  # never written: copying it fails mid-publish
-    manifest = manifest_for({k: v for k, v in files.items() if v.exists()},
-                            extra_stems=({"stem": "vocals", "file": "vocals.wav", "sha256": "0" * 64, "bytes": 1,
-                                          "seconds": 0.1},))
-    with pytest.raises(Exception):
+    manifest = manifest_for(
+        {k: v for k, v in files.items() if v.exists()},
+        extra_stems=({"stem": "vocals", "file": "vocals.wav", "sha256": "0" * 64, "bytes": 1, "seconds": 0.1},),
+    )
+    with pytest.raises(Exception):  # noqa: B017 - whatever the failed copy raises; what counts is what is left
         publish(out=str(tmp_path / "out"), folder="x-abababababab", manifest=manifest, files=files)
     assert not (tmp_path / "out" / "x-abababababab").exists()
     assert published_manifest(str(tmp_path / "out"), "x-abababababab", KEY) is None
@@ -83,17 +83,20 @@ def test_damaged_publication_is_not_trusted(tmp_path: Path, damage: str) -> None
     assert not manifest_is_complete(str(folder / MANIFEST_NAME), KEY)
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("Café – déjà vu (live) [2020]", "Café – déjà vu (live) _2020_"),
-    ("../../etc/passwd", "_._etc_passwd"),
-    ("a/b\\c", "a_b_c"),
-    ("line\nbreak\ttab\x00nul", "linebreaktabnul"),
-    ("CON", "track_CON"),
-    ("nul.txt", "track_nul.txt"),
-    ("...", "track"),
-    ("", "track"),
-    ("x" * 300, "x" * 80),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("Café – déjà vu (live) [2020]", "Café – déjà vu (live) _2020_"),  # noqa: RUF001 - non-ASCII on purpose
+        ("../../etc/passwd", "_._etc_passwd"),
+        ("a/b\\c", "a_b_c"),
+        ("line\nbreak\ttab\x00nul", "linebreaktabnul"),
+        ("CON", "track_CON"),
+        ("nul.txt", "track_nul.txt"),
+        ("...", "track"),
+        ("", "track"),
+        ("x" * 300, "x" * 80),
+    ],
+)
 def test_safe_name(raw: str, expected: str) -> None:
     assert safe_name(raw) == expected
     assert "/" not in safe_name(raw) and ".." not in safe_name(raw)
@@ -109,10 +112,20 @@ def test_expand_sources_scans_folders_globs_and_reports_problems(tmp_path: Path)
     for name in ["a/one.wav", "a/b/two.FLAC", "a/.hidden/three.mp3", "a/notes.txt", "a/.four.wav", "c/five.ogg"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    found = expand_sources([str(tmp_path / "a"), str(tmp_path / "c" / "*.ogg"), str(tmp_path / "missing"),
-                            str(tmp_path / "nothing*.wav"), str(tmp_path / "a" / "one.wav")])
-    assert found.tracks == [str(tmp_path / "a" / "b" / "two.FLAC"), str(tmp_path / "a" / "one.wav"),
-                            str(tmp_path / "c" / "five.ogg")]
+    found = expand_sources(
+        [
+            str(tmp_path / "a"),
+            str(tmp_path / "c" / "*.ogg"),
+            str(tmp_path / "missing"),
+            str(tmp_path / "nothing*.wav"),
+            str(tmp_path / "a" / "one.wav"),
+        ]
+    )
+    assert found.tracks == [
+        str(tmp_path / "a" / "b" / "two.FLAC"),
+        str(tmp_path / "a" / "one.wav"),
+        str(tmp_path / "c" / "five.ogg"),
+    ]
     assert [reason for _, reason in found.problems] == ["no such file or folder", "pattern matched no files"]
 
 

@@ -14,23 +14,25 @@ from pathlib import Path
 import boto3
 import duckdb
 import pytest
-from audiogen import audio_file
-from manifests import manifest_for
-from conftest import MODEL_NAME
-from servers import MotoServer, Relay, in_thread, s3_env
 
-from flows.library import separate_library
 from tasks import prefect_tasks as steps
 from tasks.core.errors import PublishError
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 from tasks.io.manifest import MANIFEST_NAME as MANIFEST
 from tasks.steps.publish import publish
-from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+from tests.helpers.audiogen import audio_file
+from tests.helpers.constants import MODEL_NAME
+from tests.helpers.flows import library_run
+from tests.helpers.manifests import manifest_for
+from tests.helpers.servers import MotoServer, Relay, in_thread, s3_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-K7MDENG-stemworks-SECRET"
 STEMS = {"drums", "bass", "other", "vocals"}
 SOURCES = "label-archive"
 OUT = "label-stems"
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]  # moto runs as a process of its own
 
 
 def clear_s3fs_cache() -> None:
@@ -46,13 +48,17 @@ def store(tmp_path_factory):
     moto = MotoServer(root / "moto.log").start()
     relay = Relay(moto.port)
     relay.up()
-    client = boto3.client("s3", endpoint_url=moto.endpoint, aws_access_key_id="x", aws_secret_access_key="x",
-                          region_name="us-east-1")
+    client = boto3.client(
+        "s3", endpoint_url=moto.endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
+    )
     client.create_bucket(Bucket=SOURCES)
     client.create_bucket(Bucket=OUT)
     local = root / "masters"
-    for name, kind, seconds, seed in [("a/one.wav", "wav", 1.5, 1), ("a/b/two.flac", "flac", 1.2, 2),
-                                      ("three.mp3", "mp3", 1.3, 3)]:
+    for name, kind, seconds, seed in [
+        ("a/one.wav", "wav", 1.5, 1),
+        ("a/b/two.flac", "flac", 1.2, 2),
+        ("three.mp3", "mp3", 1.3, 3),
+    ]:
         path = audio_file(local / Path(name).parent, Path(name).name, kind, seconds=seconds, seed=seed)
         client.upload_file(str(path), SOURCES, f"masters/{name}")
     client.put_object(Bucket=SOURCES, Key="masters/cover.jpg", Body=b"\xff\xd8 not audio")
@@ -68,9 +74,13 @@ def store(tmp_path_factory):
 
 
 def run(sources: list[str], out: str, catalog: Path, model_repo: Path) -> object:
-    return separate_library(sources, separation=SeparationSettings(model=MODEL_NAME, model_repo=str(model_repo),
-                                                                   shifts=0),
-                            output=OutputSettings(out=out), limits=Limits(), catalog=str(catalog))
+    return library_run(
+        sources,
+        separation=SeparationSettings(model=MODEL_NAME, model_repo=str(model_repo), shifts=0),
+        output=OutputSettings(out=out),
+        limits=Limits(),
+        catalog=str(catalog),
+    )
 
 
 def objects(client, prefix: str) -> dict[str, tuple[int, str]]:
@@ -103,10 +113,12 @@ def s3_run(store, model_repo, prefect_harness):
     return {"summary": summary, "catalog": catalog}
 
 
+@pytest.mark.prefect_server
 def test_library_from_s3_to_s3(store, s3_run) -> None:
     summary = s3_run["summary"]
     assert sorted(t.source for t in summary.tracks) == sorted(
-        f"s3://{SOURCES}/masters/{n}" for n in ("a/one.wav", "a/b/two.flac", "three.mp3"))
+        f"s3://{SOURCES}/masters/{n}" for n in ("a/one.wav", "a/b/two.flac", "three.mp3")
+    )
     assert {t.status for t in summary.tracks} == {"succeeded"}, summary.tracks
     assert assert_manifests_complete(store["client"], "lib/") == 3
     assert all(t.manifest_uri.startswith(f"s3://{OUT}/lib/") for t in summary.tracks)
@@ -117,6 +129,7 @@ def test_library_from_s3_to_s3(store, s3_run) -> None:
     assert {f"s3://{OUT}/{k}" for k in keys} == {*uris, *(t.manifest_uri for t in summary.tracks)}
 
 
+@pytest.mark.prefect_server
 def test_rerun_skips_and_writes_nothing(store, s3_run, model_repo) -> None:
     before = objects(store["client"], "lib/")
     summary = run([f"s3://{SOURCES}/masters/"], f"s3://{OUT}/lib", s3_run["catalog"], model_repo)
@@ -124,21 +137,38 @@ def test_rerun_skips_and_writes_nothing(store, s3_run, model_repo) -> None:
     assert objects(store["client"], "lib/") == before
 
 
+@pytest.mark.prefect_server
 def test_mixed_local_and_s3_sources_and_skips_across_stores(store, s3_run, model_repo) -> None:
     """A local copy of an S3 master is recognised by content; a new local file, an S3 glob and a single
     S3 object are handled in one run; a missing object fails alone with its reason."""
     new = audio_file(store["root"] / "local", "new.wav", "wav", seconds=1.1, seed=9)
     copy = store["local"] / "a" / "one.wav"  # same bytes as s3://.../masters/a/one.wav, already published
-    summary = run([str(new), str(copy), f"s3://{SOURCES}/masters/*.mp3", f"s3://{SOURCES}/masters/a/b/two.flac",
-                   f"s3://{SOURCES}/masters/nope.wav"], f"s3://{OUT}/lib", s3_run["catalog"], model_repo)
+    summary = run(
+        [
+            str(new),
+            str(copy),
+            f"s3://{SOURCES}/masters/*.mp3",
+            f"s3://{SOURCES}/masters/a/b/two.flac",
+            f"s3://{SOURCES}/masters/nope.wav",
+        ],
+        f"s3://{OUT}/lib",
+        s3_run["catalog"],
+        model_repo,
+    )
     statuses = {Path(t.source).name: t.status for t in summary.tracks}
-    assert statuses == {"new.wav": "succeeded", "one.wav": "skipped", "three.mp3": "skipped", "two.flac": "skipped",
-                        "nope.wav": "failed"}
+    assert statuses == {
+        "new.wav": "succeeded",
+        "one.wav": "skipped",
+        "three.mp3": "skipped",
+        "two.flac": "skipped",
+        "nope.wav": "failed",
+    }
     missing = next(t for t in summary.tracks if t.status == "failed")
     assert missing.error == "no such file or folder" and missing.error_step == "expand"
     assert assert_manifests_complete(store["client"], "lib/") == 4
 
 
+@pytest.mark.prefect_server
 def test_no_secret_in_catalog_manifests_or_logs(store, s3_run, caplog, capsys) -> None:
     assert SECRET not in catalog_text(s3_run["catalog"])
     assert "AKIASTEMWORKSTEST" not in catalog_text(s3_run["catalog"])
@@ -162,13 +192,18 @@ def test_failed_publish_aborts_multipart_uploads_and_leaves_no_manifest(store, t
     assert objects(client, f"{folder}/") == {}  # neither a manifest nor the stem it would have listed
 
 
-@pytest.mark.parametrize("trigger, back_after", [
-    (MANIFEST, None),   # down between tracks: the next tracks cannot even check the destination
-    (".wav", None),     # down in the middle of a publish: retried with backoff, then the track fails
-    (".wav", 1.5),      # a short blip in the middle of a publish: retries ride it out
-])
-def test_store_outage_mid_run_fails_cleanly_and_rerun_completes(store, model_repo, tmp_path, monkeypatch,
-                                                                 prefect_harness, trigger, back_after) -> None:
+@pytest.mark.prefect_server
+@pytest.mark.parametrize(
+    "trigger, back_after",
+    [
+        (MANIFEST, None),  # down between tracks: the next tracks cannot even check the destination
+        (".wav", None),  # down in the middle of a publish: retried with backoff, then the track fails
+        (".wav", 1.5),  # a short blip in the middle of a publish: retries ride it out
+    ],
+)
+def test_store_outage_mid_run_fails_cleanly_and_rerun_completes(
+    store, model_repo, tmp_path, monkeypatch, prefect_harness, trigger, back_after
+) -> None:
     monkeypatch.setattr(steps, "publish", steps.publish.with_options(retry_delay_seconds=[0.5, 1, 1]))
     sources = [str(audio_file(tmp_path / "in", f"t{i}.wav", "wav", seconds=1.0, seed=20 + i)) for i in range(3)]
     relay, client, catalog = store["relay"], store["client"], tmp_path / "c.duckdb"
@@ -214,16 +249,39 @@ def test_store_outage_mid_run_fails_cleanly_and_rerun_completes(store, model_rep
 def cli(args: list[str], store) -> subprocess.CompletedProcess:
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, **s3_env(store["moto"].endpoint, SECRET), "PYTHONPATH": str(ROOT),
-           "PREFECT_API_URL": PREFECT_API_URL.value()}
-    return subprocess.run([sys.executable, "-m", "flows.cli", "separate", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        **s3_env(store["moto"].endpoint, SECRET),
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "separate", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=600,
+    )
 
 
+@pytest.mark.prefect_server
 @pytest.mark.usefixtures("prefect_harness")
 def test_cli_separates_a_bucket_into_a_bucket_and_rerun_skips(store, model_repo, tmp_path) -> None:
-    args = [f"s3://{SOURCES}/masters/", "--out", f"s3://{OUT}/cli/", "--catalog", str(tmp_path / "c.duckdb"),
-            "--model", MODEL_NAME, "--model-repo", str(model_repo), "--shifts", "0"]
+    args = [
+        f"s3://{SOURCES}/masters/",
+        "--out",
+        f"s3://{OUT}/cli/",
+        "--catalog",
+        str(tmp_path / "c.duckdb"),
+        "--model",
+        MODEL_NAME,
+        "--model-repo",
+        str(model_repo),
+        "--shifts",
+        "0",
+    ]
     first = cli(args, store)
     assert first.returncode == 0 and "3 succeeded, 0 skipped, 0 failed" in first.stdout, first.stdout + first.stderr
     assert assert_manifests_complete(store["client"], "cli/") == 3

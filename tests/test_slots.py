@@ -8,7 +8,7 @@ from prefect.client.orchestration import get_client
 from tasks.core.settings import SeparationSettings
 from tasks.prefect_tasks import gpu_slot
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.prefect_server, pytest.mark.usefixtures("prefect_harness")]
 
 
 def active_slots(name: str) -> int:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import json
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = cat_commands.add_parser("rebuild", help="rebuild the catalog from the manifests published under OUT_URL")
     rebuild.add_argument("--from", dest="out", required=True, metavar="OUT_URL")
     rebuild.add_argument("--catalog", metavar="PATH")
+    rebuild.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write an empty catalog when OUT_URL holds no manifests (refused otherwise)",
+    )
 
     model = commands.add_parser("model", help="model repository helpers")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -89,12 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class Terminal:
+    """Results on stdout; problems and progress on stderr. Never hard-wrapped: paths stay whole."""
+
+    out: Console = field(default_factory=lambda: Console(soft_wrap=True))
+    err: Console = field(default_factory=lambda: Console(stderr=True, soft_wrap=True))
+
+    def usage_error(self, message: str) -> int:
+        """Say what is wrong on stderr, as argparse does for its own errors; exit status 2."""
+        self.err.print(f"stemworks: error: {message}", style="red", highlight=False, markup=False)
+        return EXIT_USAGE
+
+    def status(self, message: str) -> None:
+        self.err.print(f"{message}…", style="dim", highlight=False, markup=False)
+
+
 class RichReporter:
     """Overall bar plus one bar per track in flight; fed by tasks through `tasks.core.progress`."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.overall: TaskID = progress.add_task("library", total=None)
+        self.overall: TaskID = progress.add_task("library: waiting for Prefect to start", total=None)
         self.tracks: dict[str, TaskID] = {}
         self.done = 0
         self.total: int | None = None
@@ -135,113 +161,173 @@ def _settings(args: argparse.Namespace) -> tuple[SeparationSettings, OutputSetti
     )
 
 
-def run_separate(args: argparse.Namespace, console: Console) -> int:
-    if not args.verbose:  # the summary reports failures; logs still reach the Prefect API and UI
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        os.environ.setdefault("DO_NOT_TRACK", "1")
+def _quiet_prefect() -> None:
+    # The summary reports failures; Prefect's logs still reach its API and UI.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def run_separate(args: argparse.Namespace, term: Terminal) -> int:
     try:
         separation, output, limits = _settings(args)
     except SettingsError as exc:
-        console.print(f"[red]stemworks: invalid settings:[/red] {settings_message(exc, RENAMED)}")
-        return EXIT_USAGE
-    from flows.library import separate_library
+        return term.usage_error(f"invalid settings: {settings_message(exc, RENAMED)}")
+    # Imported here, not at the top: `stemworks --help` and `catalog` commands need no torch or Prefect.
+    from catalog import default_catalog_path
+    from flows.cli import preflight
+    from flows.pipeline.workarea import default_work_root
+
+    if not args.verbose:
+        _quiet_prefect()
+    try:
+        preflight.check(
+            args.sources,
+            separation,
+            out=output.out,
+            catalog=Path(args.catalog or default_catalog_path()),
+            work_dir=args.work_dir or default_work_root(),
+            announce=term.status,
+        )
+    except preflight.UsageError as exc:
+        return term.usage_error(str(exc))
+    return _run_library(args, separation, output, limits, term)
+
+
+def _run_library(
+    args: argparse.Namespace, separation: SeparationSettings, output: OutputSettings, limits: Limits, term: Terminal
+) -> int:
+    term.status("starting Prefect (a temporary local API server unless PREFECT_API_URL is set)")
+    with _prefect_api_of_this_process():
+        return _separate_with_progress(args, separation, output, limits, term)
+
+
+# A busy machine (several runs starting at once on 2 cores) can take longer than Prefect's default 20 s.
+EPHEMERAL_STARTUP_TIMEOUT_S = 300
+
+
+@contextmanager
+def _prefect_api_of_this_process() -> Iterator[None]:
+    """Without PREFECT_API_URL, give this process's temporary Prefect API server a database of its own.
+
+    By default every temporary server uses the one SQLite file in PREFECT_HOME: several `stemworks
+    separate` started at once then contend for it while starting, and time out. The run's record is the
+    catalog; Prefect's database of a CLI run is scratch and is removed at the end. A database the user
+    configured (PREFECT_SERVER_DATABASE_CONNECTION_URL) is left alone.
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    configured = {"PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"} & set(os.environ)
+    if PREFECT_API_URL.value() or configured:
+        yield
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="stemworks-prefect-"))
+    updates = {
+        PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{scratch / 'prefect.db'}",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S,
+    }
+    # Removed at exit, after Prefect has stopped the server (atexit runs handlers last-registered first).
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    with temporary_settings(updates=updates):
+        yield
+
+
+def _separate_with_progress(
+    args: argparse.Namespace, separation: SeparationSettings, output: OutputSettings, limits: Limits, term: Terminal
+) -> int:
+    from flows.library import library_summary, separate_library
     from tasks.core.errors import ConfigurationError
     from tasks.core.progress import reporting_to
 
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, transient=True) as progress, reporting_to(RichReporter(progress)):
-            summary = separate_library(
+        with Progress(*columns, console=term.err, transient=True) as progress, reporting_to(RichReporter(progress)):
+            state = separate_library(
                 args.sources,
                 separation=separation,
                 output=output,
                 limits=limits,
                 catalog=args.catalog,
                 work_root=args.work_dir,
+                return_state=True,
             )
+            summary = library_summary(state)
     except ConfigurationError as exc:
-        console.print(f"[red]stemworks: {exc}[/red]")
-        return EXIT_USAGE
-    print_summary(summary, console)
+        return term.usage_error(str(exc))
+    print_summary(summary, term.out)
     return EXIT_TRACK_FAILED if summary.count("failed") else EXIT_OK
 
 
 def print_summary(summary: LibrarySummary, console: Console) -> None:
-    console.print(
-        f"[bold]{summary.count('succeeded')} succeeded, {summary.count('skipped')} skipped, "
-        f"{summary.count('failed')} failed[/bold] (run {summary.run_id})"
-    )
-    console.print(f"stems:   {summary.out}")
-    console.print(f"catalog: {Path(summary.catalog).resolve()}")
+    console.print(f"[bold]{summary.counts_text()}[/bold] (run {summary.run_id})")
+    console.print(f"stems:   {summary.out}", highlight=False)
+    console.print(f"catalog: {Path(summary.catalog).resolve()}", highlight=False)
     for track in summary.tracks:
         if track.status == "failed":
             console.print(
                 f"[red]FAILED[/red] {track.source}: {track.error} [dim](step: {track.error_step})[/dim]",
                 highlight=False,
-                soft_wrap=True,
             )
 
 
-def _existing_catalog(args: argparse.Namespace, console: Console) -> Path | None:
-    from catalog import default_catalog_path
+def _existing_catalog(args: argparse.Namespace) -> Path:
+    from catalog import CatalogError, default_catalog_path
 
     path = Path(args.catalog or default_catalog_path())
     if not path.exists():
-        console.print(f"[red]stemworks: no catalog at {path}[/red]")
-        return None
+        raise CatalogError(f"no catalog at {path}; pass --catalog PATH or set STEMWORKS_CATALOG")
     return path
 
 
-def run_catalog(args: argparse.Namespace, console: Console) -> int:
+def run_catalog(args: argparse.Namespace, term: Terminal) -> int:
     from catalog import CatalogError
 
     commands = {"query": run_query, "export": run_export, "rebuild": run_rebuild}
     try:
-        return commands[args.catalog_command](args, console)
+        return commands[args.catalog_command](args, term)
     except CatalogError as exc:
-        console.print(f"[red]stemworks: {exc}[/red]", highlight=False)
-        return EXIT_USAGE
+        return term.usage_error(str(exc))
 
 
-def run_export(args: argparse.Namespace, console: Console) -> int:
+def run_export(args: argparse.Namespace, term: Terminal) -> int:
     from catalog import Catalog
 
-    if (path := _existing_catalog(args, console)) is None:
-        return EXIT_USAGE
-    for file in Catalog(path).export(args.dir, args.format):
-        console.print(f"wrote {file}", highlight=False)
+    for file in Catalog(_existing_catalog(args)).export(args.dir, args.format):
+        term.out.print(f"wrote {file}", highlight=False)
     return EXIT_OK
 
 
-def run_rebuild(args: argparse.Namespace, console: Console) -> int:
+def run_rebuild(args: argparse.Namespace, term: Terminal) -> int:
     from catalog import default_catalog_path
     from catalog.rebuild import rebuild
 
-    report = rebuild(args.out, args.catalog or default_catalog_path())
+    report = rebuild(args.out, args.catalog or default_catalog_path(), allow_empty=args.allow_empty)
     if report.moved_aside:
-        console.print(f"previous catalog kept as {report.moved_aside}", highlight=False)
+        term.out.print(f"previous catalog kept as {report.moved_aside}", highlight=False)
     for uri, why in report.skipped:
-        console.print(f"[yellow]skipped[/yellow] {uri}: {why}", highlight=False)
-    console.print(
+        term.err.print(f"[yellow]skipped[/yellow] {uri}: {why}", highlight=False)
+    term.out.print(
         f"rebuilt {report.catalog} from {report.out}: {report.runs} runs, {report.tracks} tracks, {report.stems} stems",
         highlight=False,
     )
     return EXIT_OK
 
 
-def run_query(args: argparse.Namespace, console: Console) -> int:
+def run_query(args: argparse.Namespace, term: Terminal) -> int:
     import duckdb
 
     from catalog import Catalog
 
-    if (path := _existing_catalog(args, console)) is None:
-        return EXIT_USAGE
+    path = _existing_catalog(args)
     try:
         columns, rows = Catalog(path).query(args.sql)
     except duckdb.Error as exc:
-        console.print(f"[red]stemworks: query failed: {exc}[/red]", highlight=False)
-        return EXIT_USAGE
+        return term.usage_error(f"query failed: {exc}")
     if args.format == "csv":
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
@@ -252,26 +338,26 @@ def run_query(args: argparse.Namespace, console: Console) -> int:
         table = Table(*columns)
         for row in rows:
             table.add_row(*("" if v is None else str(v) for v in row))
-        console.print(table)
+        term.out.print(table)
     return EXIT_OK
 
 
-def run_model_random(args: argparse.Namespace, console: Console) -> int:
+def run_model_random(args: argparse.Namespace, term: Terminal) -> int:
     from tasks.engine.model_repo import write_random_htdemucs
 
     path = write_random_htdemucs(args.repo, args.name, args.size, args.seed)
-    console.print(f"wrote {path} (load with --model {args.name} --model-repo {args.repo})")
+    term.out.print(f"wrote {path} (load with --model {args.name} --model-repo {args.repo})", highlight=False)
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    term = Terminal()
     if args.command == "separate":
-        return run_separate(args, console)
+        return run_separate(args, term)
     if args.command == "catalog":
-        return run_catalog(args, console)
-    return run_model_random(args, console)
+        return run_catalog(args, term)
+    return run_model_random(args, term)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def settings_message(exc: SettingsError, renamed: dict[str, Renamed] | None = No
     renamed = renamed or {}
     parts = []
     for error in exc.errors():
-        where = str(error["loc"][0]) if error["loc"] else ""
-        label = flag(where, renamed) if where else "settings"
-        parts.append(f"{label}: {error['msg']}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        # A rule about several options at once (the model's own validator) has no single field to name.
+        parts.append(f"{flag(str(error['loc'][0]), renamed)}: {message}" if error["loc"] else message)
     return "; ".join(parts)

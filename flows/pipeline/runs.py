@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from pydantic import Field
 
-from flows.pipeline.track import flow_run_id, now
+from catalog import Catalog, default_catalog_path
+from flows.pipeline.track import TrackPipeline, flow_run_id, now
+from flows.pipeline.workarea import default_work_root
 from tasks.core.records import Record, RunContext, RunRecord, RunSummary, TrackOutcome
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 from tasks.core.version import code_version
 from tasks.core.vocabulary import FinishedRunStatus, Stage, TrackStatus
+from tasks.engine.models import load_model
 from tasks.io.locations import normalise, redact
 
 
@@ -38,14 +45,58 @@ def run_record(
     )
 
 
-def run_summary(run_id: str, outcomes: Sequence[TrackOutcome], status: FinishedRunStatus) -> RunSummary:
+@dataclass(frozen=True)
+class StartedRun:
+    """A run recorded as running: its record, and the pipeline its tracks go through."""
+
+    record: RunRecord
+    pipeline: TrackPipeline
+    catalog_path: str
+
+
+def start_run(
+    flow_name: str,
+    sources: list[str],
+    separation: SeparationSettings,
+    output: OutputSettings,
+    limits: Limits,
+    catalog: str | None,
+    work_root: str | None,
+) -> StartedRun:
+    """Load the model (a bad model or device fails the run before any file is written), open the
+    catalog (`$STEMWORKS_CATALOG` or ./stemworks.duckdb when unset) and record the run as running."""
+    _, model, device = load_model(separation)
+    catalog_path = str(catalog or default_catalog_path())
+    store = Catalog(catalog_path)
+    context = RunContext(
+        run_id=uuid.uuid4().hex,
+        separation=separation,
+        output=output,
+        limits=limits,
+        work_root=work_root or default_work_root(),
+    )
+    record = run_record(context, flow_name=flow_name, sources=sources, model_signature=model.signature, device=device)
+    store.start_run(record)
+    return StartedRun(record, TrackPipeline(context, store), catalog_path)
+
+
+def run_status(outcomes: Sequence[TrackOutcome]) -> FinishedRunStatus:
+    """A run is `completed` when every track succeeded or was skipped, `failed` as soon as one track failed.
+
+    The same rule gives the CLI's exit status (1) and the Prefect state of the flow run (a FAILED-type
+    state named `TracksFailed`); `runs.tracks_failed` says how many.
+    """
+    return "failed" if any(outcome.status == "failed" for outcome in outcomes) else "completed"
+
+
+def run_summary(run_id: str, outcomes: Sequence[TrackOutcome]) -> RunSummary:
     def count(wanted: TrackStatus) -> int:
         return sum(1 for outcome in outcomes if outcome.status == wanted)
 
     return RunSummary(
         run_id=run_id,
         finished_at=now(),
-        status=status,
+        status=run_status(outcomes),
         tracks_total=len(outcomes),
         tracks_succeeded=count("succeeded"),
         tracks_failed=count("failed"),
@@ -90,3 +141,24 @@ class LibrarySummary(Record):
 
     def count(self, status: TrackStatus) -> int:
         return sum(1 for t in self.tracks if t.status == status)
+
+    def counts_text(self) -> str:
+        return f"{self.count('succeeded')} succeeded, {self.count('skipped')} skipped, {self.count('failed')} failed"
+
+
+class TracksFailed(Exception):
+    """What a `separate-library` run whose tracks failed ends with (its Prefect state is `TracksFailed`).
+
+    Calling the flow from Python raises it; `.summary` holds every track's result, as a clean run returns.
+    """
+
+    def __init__(self, summary: LibrarySummary) -> None:
+        super().__init__(
+            f"{summary.count('failed')} of {len(summary.tracks)} tracks failed "
+            f"({summary.counts_text()}); each track's reason is in the run's table artifact "
+            f"and in the catalog's failures view"
+        )
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TracksFailed, (self.summary,))

@@ -36,7 +36,7 @@ from tasks.core.records import (
 from tasks.core.settings import job_key
 from tasks.core.vocabulary import Stage, Step, TrackStatus
 from tasks.engine.models import load_model, precision_for
-from tasks.io.locations import normalise, redact
+from tasks.io.locations import normalise, raw_bytes_hex, redact
 from tasks.io.manifest import complete_manifest, manifest_uri, read_manifest
 from tasks.steps.publish import track_folder
 
@@ -172,6 +172,8 @@ class TrackPipeline:
         `separate` repeats the skip check with the catalog when the track's turn comes.
         """
         log = TrackLog(label=redact(source))
+        if (raw := raw_bytes_hex(source)) is not None:  # a name that is not UTF-8: keep its exact bytes
+            log.learn(origin={"path_bytes_hex": raw})
         work_dir = Path(self.context.work_root) / self.context.run_id / uuid.uuid4().hex
         work_dir.mkdir(parents=True, exist_ok=True)
         reporter().track_started(log.label)

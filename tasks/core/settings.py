@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -136,10 +136,19 @@ class SeparationSettings(BaseModel):
         return value
 
 
+# FLAC stores integers of up to 24 bits; 32-bit float is wav only.
+FLAC_BIT_DEPTHS: tuple[BitDepth, ...] = (16, 24)
+# The same rule in the parameter schema, so Prefect's server refuses flac at 32 bits (409) before a run exists.
+_FLAC_BIT_DEPTH_SCHEMA: dict[str, Any] = {
+    "if": {"properties": {"format": {"const": "flac"}}, "required": ["format"]},
+    "then": {"properties": {"bit_depth": {"enum": list(FLAC_BIT_DEPTHS)}}},
+}
+
+
 class OutputSettings(BaseModel):
     """Where and how stems are written."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"allOf": [_FLAC_BIT_DEPTH_SCHEMA]})
 
     out: str = Field(
         "./separated",
@@ -155,7 +164,7 @@ class OutputSettings(BaseModel):
 
     @model_validator(mode="after")
     def _format_supports_bit_depth(self) -> OutputSettings:
-        if self.format == "flac" and self.bit_depth == 32:
+        if self.format == "flac" and self.bit_depth not in FLAC_BIT_DEPTHS:
             raise ValueError("flac stores 16 or 24 bits; use wav for 32-bit float")
         return self
 

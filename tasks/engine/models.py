@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -17,6 +19,39 @@ from tasks.core.errors import ConfigurationError
 from tasks.core.records import ModelInfo
 from tasks.core.settings import SeparationSettings
 from tasks.engine.overlap_add import DemucsModel, EngineOptions, Precision, resolve_precision
+
+# Where `get_model` downloads pretrained models from: the HuggingFace hub first, then Demucs's own files.
+MODEL_HUB_HOSTS = ("huggingface.co", "dl.fbaipublicfiles.com")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _can_connect(host: str, timeout: float) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def model_hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the model hubs answer within `timeout` seconds (name lookup included, which a plain
+    connect timeout does not bound: the probe runs in a daemon thread and is abandoned when late)."""
+    answer: list[bool] = []
+    probe = threading.Thread(target=lambda: answer.append(_can_connect(MODEL_HUB_HOSTS[0], timeout)), daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answer and answer[0])
+
+
+def offline_help(name: str) -> str:
+    """What to do when `name` cannot be downloaded: the exact commands, so nobody has to guess."""
+    return (
+        f"Without network access, load models from a local Demucs model repository: "
+        f"`stemworks separate SOURCE... --model-repo DIR --model {name}` (DIR holds {name}-<sha8>.th files "
+        f"or a {name}.yaml bag). To try the pipeline without pretrained weights: "
+        f"`stemworks model random models --name random_htdemucs --size full`, then "
+        f"`stemworks separate SOURCE... --model-repo models --model random_htdemucs`."
+    )
 
 
 def resolve_device(requested: str) -> str:
@@ -39,8 +74,13 @@ def _load(name: str, repo: str | None, device: str) -> tuple[DemucsModel, ModelI
     except (ModelLoadingError, SystemExit) as exc:
         where = f"repository {repo}" if repo else "the Demucs hub (pass --model-repo DIR to load offline)"
         raise ConfigurationError(f"could not load model '{name}' from {where}: {exc}") from None
-    except OSError as exc:
-        raise ConfigurationError(f"could not download model '{name}': {exc}", retryable=True) from None
+    except OSError as exc:  # urllib's URLError included: no network, or the hub is down
+        reason = getattr(exc, "reason", None) or exc
+        raise ConfigurationError(
+            f"could not download model '{name}' ({reason}) and it is not in the local "
+            f"model cache. {offline_help(name)}",
+            retryable=True,
+        ) from None
     model.to(device).eval()
     info = ModelInfo(
         name=name,

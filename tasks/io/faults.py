@@ -8,8 +8,14 @@ errors that are not `OSError`s, and URL fetches meet HTTP statuses: both are cla
 from __future__ import annotations
 
 import asyncio
+import errno
 
 from tasks.core.errors import StemworksError
+
+
+class NotRegularFileError(OSError):
+    """The path is a FIFO, device or socket: reading it could block forever, so it is refused, never retried."""
+
 
 # Retrying cannot make these succeed: the path is wrong, or we may not read it.
 PERMANENT_OS_ERRORS: tuple[type[OSError], ...] = (
@@ -18,7 +24,11 @@ PERMANENT_OS_ERRORS: tuple[type[OSError], ...] = (
     IsADirectoryError,
     NotADirectoryError,
     FileExistsError,
+    NotRegularFileError,
 )
+# The same for OSErrors Python gives no subclass of: a symbolic link loop, a name too long, a special
+# file without a device or a reader (ENXIO: e.g. opening a socket), a read-only file system.
+PERMANENT_ERRNOS = frozenset({errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO, errno.ENODEV, errno.EROFS})
 # HTTP answers that mean "try again later" (timeouts, throttling, server trouble).
 TRANSIENT_HTTP_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 _TRANSIENT_S3_CODES = frozenset(
@@ -65,7 +75,7 @@ def is_transient(exc: BaseException) -> bool:
     """Timeouts, dropped connections and 5xx/throttling answers: a later attempt may succeed."""
     if isinstance(exc, StemworksError):
         return exc.retryable
-    if isinstance(exc, PERMANENT_OS_ERRORS):
+    if isinstance(exc, PERMANENT_OS_ERRORS) or (isinstance(exc, OSError) and exc.errno in PERMANENT_ERRNOS):
         return False
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
         return True

@@ -5,6 +5,7 @@ A leaf module (no fsspec, no network): everything that names a location may use 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -38,7 +39,11 @@ def normalise(location: str) -> str:
     location = location.removeprefix("file://")
     if has_scheme(location):
         return location.rstrip("/") if location.count("/") > 3 else location
-    return str(Path(location).expanduser().resolve())
+    path = Path(location).expanduser()
+    try:
+        return str(path.resolve())
+    except RuntimeError:  # a symbolic link loop (Python < 3.13 raises here): opening the path will say so
+        return os.path.abspath(path)
 
 
 def join(base: str, *parts: str) -> str:
@@ -49,13 +54,46 @@ def join(base: str, *parts: str) -> str:
 
 
 def redact(location: str) -> str:
-    """Drop credentials (user:password@) and query strings that may carry signatures."""
+    """How a location is shown and stored: credentials (user:password@) and query strings that may carry
+    signatures dropped, and bytes that are not UTF-8 escaped (`display_text`)."""
+    location = display_text(location)
     if not has_scheme(location):
         return location
     parts = urlsplit(location)
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "" if _SECRET_QUERY.search(parts.query) else parts.query
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _has_surrogates(text: str) -> bool:
+    return not text.isascii() and any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def display_text(text: str) -> str:
+    """`text` as valid UTF-8, for people, logs, manifests and the catalog.
+
+    A file name is any byte string on Linux; Python hands over the bytes that are not UTF-8 as
+    surrogate escapes, which no JSON or DuckDB string can hold. They are shown the way Python's
+    `backslashreplace` shows them: b"caf\\xe9.wav" becomes `caf\\xe9.wav`. The exact bytes are kept
+    apart (`raw_bytes_hex`, in a track's `origin`).
+    """
+    if not _has_surrogates(text):
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def raw_bytes_hex(text: str) -> str | None:
+    """The exact bytes of a name holding bytes that are not UTF-8, in hex; None for ordinary text."""
+    if not _has_surrogates(text):
+        return None
+    try:
+        return text.encode("utf-8", "surrogateescape").hex()
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes: kept as Python holds them
+        return text.encode("utf-8", "surrogatepass").hex()
 
 
 def is_audio_name(name: str) -> bool:

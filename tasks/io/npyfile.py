@@ -161,6 +161,12 @@ class NpyAppender:
         self._side.write(np.ascontiguousarray(right, dtype=DTYPE).tobytes())
         self.frames += block.shape[1]
 
+    def bytes_on_disk(self) -> int:
+        """Bytes written so far, both channels' files together (flushed first): the scratch this decode holds."""
+        for handle in (self._main, self._side):
+            handle.flush()
+        return os.fstat(self._main.fileno()).st_size + os.fstat(self._side.fileno()).st_size
+
     def finish(self) -> int:
         self._side.close()
         with open(self._side_path, "rb") as side:

@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass, field
 
 from tasks.io.faults import describe
+from tasks.io.hashcopy import file_kind
 from tasks.io.locations import has_scheme, is_audio_name, normalise, redact
 from tasks.io.storage import filesystem, is_local
-from tasks.io.web.policy import NetworkPolicy
+from tasks.io.web.policy import NetworkPolicy, is_local_source, is_url_source, source_problem
 from tasks.io.web.urls import expand_url
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -26,31 +27,44 @@ class ExpandedSources:
 
 def expand_sources(sources: list[str], max_playlist_entries: int = 50) -> ExpandedSources:
     """Files stay as given; folders are scanned recursively for audio; globs are expanded;
-    playlist URLs become their entries (at most `max_playlist_entries` each)."""
+    playlist URLs become their entries (at most `max_playlist_entries` each).
+
+    Every source and every track found is held to the source policy (`source_problem`) before anything
+    is contacted; special files (FIFOs, devices, sockets) and folders that cannot be read are reported,
+    never silently skipped or opened.
+    """
     expanded = ExpandedSources()
     seen: set[str] = set()
     for source in sources:
+        problem = source_problem(source)
+        if problem is not None:
+            expanded.problems.append((redact(source), f"refused: {problem}"))
+            continue
         try:
             found = _expand_one(source, max_playlist_entries)
         except Exception as exc:  # noqa: BLE001 - store clients raise their own types; report, go on
             expanded.problems.append((redact(source), f"cannot list source: {describe(exc)}"))
             continue
-        if not found:
+        if not found.tracks and not found.problems:
             expanded.problems.append((redact(source), _nothing_found_reason(source)))
-        for track in found:
-            if track not in seen:
+        expanded.problems.extend(found.problems)
+        for track in found.tracks:
+            problem = source_problem(track)  # e.g. a playlist entry pointing elsewhere
+            if problem is not None:
+                expanded.problems.append((redact(track), f"refused: {problem}"))
+            elif track not in seen:
                 seen.add(track)
                 expanded.tracks.append(track)
     return expanded
 
 
-def _expand_one(source: str, max_playlist_entries: int) -> list[str]:
-    if source.lower().startswith(("http://", "https://")):
-        return expand_url(source, max_playlist_entries, NetworkPolicy.from_env())
-    if not has_scheme(source) and not source.startswith("file://"):
+def _expand_one(source: str, max_playlist_entries: int) -> ExpandedSources:
+    if is_url_source(source):
+        return ExpandedSources(tracks=expand_url(source, max_playlist_entries, NetworkPolicy.from_env()))
+    if is_local_source(source):
         return _expand_local(source)
+    scheme = source.split("://", 1)[0].lower()
     fs, path = filesystem(source)
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     if _GLOB_CHARS.search(path):
         matches = [p for p in fs.glob(path) if fs.isfile(p)]
     elif fs.isdir(path):
@@ -58,23 +72,45 @@ def _expand_one(source: str, max_playlist_entries: int) -> list[str]:
     elif fs.exists(path):
         matches = [path]
     else:
-        return []
-    return sorted(p if is_local(fs) else f"{protocol}://{p}" for p in matches)
+        matches = []
+    # Addressed with the source's own scheme, so the tracks pass the same source policy.
+    return ExpandedSources(tracks=sorted(p if is_local(fs) else f"{scheme}://{p}" for p in matches))
 
 
-def _expand_local(source: str) -> list[str]:
+def _expand_local(source: str) -> ExpandedSources:
     path = normalise(source)
+    found = ExpandedSources()
     if _GLOB_CHARS.search(source):
-        return sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-    if os.path.isdir(path):
-        found: list[str] = []
-        for root, dirs, files in os.walk(path):
+        for match in sorted(glob.glob(path, recursive=True)):
+            if not os.path.isdir(match):
+                _add_file(found, match)
+    elif os.path.isdir(path):
+
+        def unreadable(exc: OSError) -> None:
+            folder = redact(str(exc.filename))
+            found.problems.append((folder, f"cannot read folder {folder}: {exc.strerror or exc}"))
+
+        files: list[str] = []
+        for root, dirs, names in os.walk(path, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found.extend(os.path.join(root, f) for f in files if is_audio_name(f) and not f.startswith("."))
-        return sorted(found)
-    if os.path.lexists(path):
-        return [path]
-    return []
+            files.extend(os.path.join(root, f) for f in names if is_audio_name(f) and not f.startswith("."))
+        for file in sorted(files):
+            _add_file(found, file)
+    elif os.path.lexists(path):
+        _add_file(found, path)
+    return found
+
+
+def _add_file(found: ExpandedSources, path: str) -> None:
+    """A regular file becomes a track; a FIFO, device or socket a problem: opening one can block forever."""
+    try:
+        kind = file_kind(os.stat(path).st_mode)
+    except OSError:  # a dangling link or a link loop: fetch reports it (and does not retry it)
+        kind = None
+    if kind is None:
+        found.tracks.append(path)
+    else:
+        found.problems.append((redact(path), f"not a regular file ({kind})"))
 
 
 def _hidden(relative: str) -> bool:

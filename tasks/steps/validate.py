@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import av
@@ -10,6 +11,14 @@ import av
 from tasks.core.errors import InvalidAudioError
 from tasks.core.records import AudioInfo
 from tasks.core.settings import Limits
+from tasks.io.faults import NotRegularFileError
+from tasks.io.hashcopy import require_regular
+
+# Time limits of a probe (headers and the first decoded frame). FFmpeg checks the first two at every
+# read of the file, and while it analyses the streams; the whole probe is checked between frames.
+PROBE_OPEN_TIMEOUT_S = 30.0  # opening the file and analysing its streams
+PROBE_READ_TIMEOUT_S = 30.0  # any one packet read
+PROBE_TIMEOUT_S = 60.0  # the whole probe, up to the first decoded frame
 
 # PyAV/FFmpeg demuxer names we accept; the mp4 family covers .m4a and NI .stem.mp4.
 ALLOWED_CONTAINERS = frozenset({"wav", "flac", "mp3", "ogg", "mov,mp4,m4a,3gp,3g2,mj2", "aac", "aiff"})
@@ -43,18 +52,30 @@ def probe(path: str | Path, limits: Limits, *, source: str | None = None) -> Aud
     """Read headers and the first audio frame; raise InvalidAudioError naming the reason."""
     path = Path(path)
     label = source or str(path)
+    try:
+        require_regular(path)  # FFmpeg's open() of a FIFO would block forever, beyond any timeout
+    except NotRegularFileError as exc:
+        raise InvalidAudioError(str(exc), source=label) from None
     size = os.path.getsize(path)
     if size == 0:
         raise InvalidAudioError("file is empty", source=label)
     if size > limits.max_file_bytes:
         raise InvalidAudioError(f"file is {size} bytes, over the limit of {limits.max_file_bytes}", source=label)
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        deadline = time.monotonic() + PROBE_TIMEOUT_S
+        timeouts = (PROBE_OPEN_TIMEOUT_S, PROBE_READ_TIMEOUT_S)
+        with av.open(str(path), metadata_errors="ignore", timeout=timeouts) as container:
             info = _describe(container, path)
-            _decode_first_frame(container, info.stream_index)
+            _decode_first_frame(container, info.stream_index, deadline)
     except InvalidAudioError as exc:
         exc.source = label
         raise
+    except av.ExitError:  # FFmpeg gave up at one of our timeouts
+        raise InvalidAudioError(
+            f"probing timed out (stream analysis over {PROBE_OPEN_TIMEOUT_S:g} s "
+            f"or a read over {PROBE_READ_TIMEOUT_S:g} s)",
+            source=label,
+        ) from None
     except (av.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as exc:
         raise InvalidAudioError(f"not readable as audio ({_ffmpeg_reason(exc)})", source=label) from None
     check_limits(info, limits, source=label)
@@ -92,11 +113,13 @@ def _claimed_seconds(container: av.container.InputContainer, stream: av.audio.st
     return 0.0  # unknown: decode enforces the duration limit on the samples themselves
 
 
-def _decode_first_frame(container: av.container.InputContainer, stream_index: int) -> None:
+def _decode_first_frame(container: av.container.InputContainer, stream_index: int, deadline: float) -> None:
     stream = container.streams.audio[stream_index]
     for frame in container.decode(stream):
         if frame.samples > 0:
             return
+        if time.monotonic() > deadline:
+            raise InvalidAudioError(f"no audio decoded within {PROBE_TIMEOUT_S:g} s")
     raise InvalidAudioError("audio stream holds no decodable samples")
 
 

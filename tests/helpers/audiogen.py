@@ -63,7 +63,7 @@ def write_audio(path: Path, audio: np.ndarray | list[np.ndarray], sample_rate: i
             streams.append((stream, data, layout))
         for stream, data, layout in streams:
             for start in range(0, data.shape[1], 4096):
-                frame = _frame(data[:, start:start + 4096], sample_format, sample_rate, layout, start)
+                frame = _frame(data[:, start : start + 4096], sample_format, sample_rate, layout, start)
                 for packet in stream.encode(frame):
                     container.mux(packet)
             for packet in stream.encode(None):
@@ -71,8 +71,15 @@ def write_audio(path: Path, audio: np.ndarray | list[np.ndarray], sample_rate: i
     return path
 
 
-def audio_file(directory: Path, name: str, kind: str = "wav", seconds: float = 2.0, sample_rate: int = 44100,
-               channels: int = 2, seed: int = 0) -> Path:
+def audio_file(
+    directory: Path,
+    name: str,
+    kind: str = "wav",
+    seconds: float = 2.0,
+    sample_rate: int = 44100,
+    channels: int = 2,
+    seed: int = 0,
+) -> Path:
     return write_audio(directory / name, music(seconds, sample_rate, channels, seed), sample_rate, kind)
 
 

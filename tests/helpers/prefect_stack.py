@@ -6,6 +6,7 @@ flow-run subprocesses too, never anything else on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -39,8 +40,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def start(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO_ROOT) -> subprocess.Popen:
     handle = log.open("ab")
-    return subprocess.Popen(command, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
@@ -54,10 +54,8 @@ def stop(process: subprocess.Popen, grace: float = 20.0) -> None:
         pass
     except ProcessLookupError:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(timeout=10)
 
 
@@ -92,8 +90,9 @@ class PrefectServer:
         return self.url.removesuffix("/api")
 
     def client_env(self, **extra: str) -> dict[str, str]:
-        return clean_env(PREFECT_HOME=str(self.home / "client"), PREFECT_API_URL=self.url,
-                         PREFECT_API_AUTH_STRING=self.auth, **extra)
+        return clean_env(
+            PREFECT_HOME=str(self.home / "client"), PREFECT_API_URL=self.url, PREFECT_API_AUTH_STRING=self.auth, **extra
+        )
 
     def http(self, authenticated: bool = True) -> httpx.Client:
         user, _, password = self.auth.partition(":")
@@ -115,6 +114,7 @@ class PrefectServer:
         def finished() -> dict | None:
             run = self.flow_run(flow_run_id)
             return run if run["state"]["type"] in TERMINAL else None
+
         return wait_for(finished, timeout, f"flow run {flow_run_id} to finish", every=2)
 
     def artifacts(self, flow_run_id: str) -> list[dict]:
@@ -128,11 +128,16 @@ def start_server(home: Path, auth: str, timeout: float = 240) -> PrefectServer:
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     home.mkdir(parents=True, exist_ok=True)
-    env = clean_env(PREFECT_HOME=str(home), PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_UI_API_URL=url,
-                    PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = clean_env(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_API_AUTH_STRING=auth,
+        PREFECT_UI_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     log = home / "server.log"
-    process = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                     str(port)], env, log)
+    process = start(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log
+    )
     server = PrefectServer(url=url, auth=auth, home=home, log=log, process=process)
 
     def healthy() -> bool:
@@ -151,5 +156,4 @@ def start_server(home: Path, auth: str, timeout: float = 240) -> PrefectServer:
 def start_worker(server: PrefectServer, pool: str, log: Path, **env: str) -> subprocess.Popen:
     # Polls every 2 s (default 10) so tests do not idle; --limit 2 lets the UI and API runs overlap.
     worker_env = server.client_env(PREFECT_WORKER_QUERY_SECONDS="2", **env)
-    return start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "2"],
-                 worker_env, log)
+    return start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "2"], worker_env, log)

@@ -3,6 +3,7 @@ and an HTTP server with media, pages, redirects and failure modes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -48,8 +49,11 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                             str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_for_port(self.port)
         return self
 
@@ -95,10 +99,8 @@ class Relay:
             self._listener = None
         with self._lock:
             for sock in self._open:
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 sock.close()
             self._open.clear()
 
@@ -186,7 +188,7 @@ class Route:
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 (clients trust it through SSL_CERT_FILE) and its key."""
-    import datetime
+    import datetime as dt
     import ipaddress
 
     from cryptography import x509
@@ -196,17 +198,24 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -223,10 +232,10 @@ class MediaServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 return
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 self._answer(head=True)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 self._answer(head=False)
 
             def _answer(self, head: bool) -> None:
@@ -254,8 +263,8 @@ class MediaServer:
             def _body(self, path: str, body: bytes) -> None:
                 try:
                     for start in range(0, len(body), 1 << 16):
-                        self.wfile.write(body[start:start + (1 << 16)])
-                        server.sent[path] = server.sent.get(path, 0) + len(body[start:start + (1 << 16)])
+                        self.wfile.write(body[start : start + (1 << 16)])
+                        server.sent[path] = server.sent.get(path, 0) + len(body[start : start + (1 << 16)])
                 except OSError:
                     return  # the client hung up (e.g. a size limit): exactly what tests look for
 
@@ -281,9 +290,15 @@ class MediaServer:
 
 def s3_env(endpoint: str, secret: str) -> dict[str, str]:
     """The standard AWS variables, pointed at a loopback store; no profile or instance lookups."""
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "AKIASTEMWORKSTEST", "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "AKIASTEMWORKSTEST",
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
 
 
 def in_thread(fn: Callable[[], None]) -> threading.Thread:

@@ -5,8 +5,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync", "--window-size=1400,2400")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--window-size=1400,2400",
+)
 
 
 def system_browser() -> tuple[str, str] | None:
@@ -34,9 +42,13 @@ def field(session, label: str):
     """The form property whose label reads `label` (innermost match)."""
     from selenium.webdriver.common.by import By
 
-    return session.find_element(By.XPATH, (
-        f"(//span[@class='schema-form-property__label' and normalize-space()='{label}'])[1]"
-        "/ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]"))
+    return session.find_element(
+        By.XPATH,
+        (
+            f"(//span[@class='schema-form-property__label' and normalize-space()='{label}'])[1]"
+            "/ancestor::div[contains(concat(' ', @class, ' '), ' schema-form-property ')][1]"
+        ),
+    )
 
 
 def type_into(element, text: str) -> None:

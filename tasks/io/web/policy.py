@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from tasks.core.errors import FetchError
-from tasks.io.locations import redact
+from tasks.io.locations import has_scheme, redact
 
 ALLOW_PRIVATE_ENV = "STEMWORKS_ALLOW_PRIVATE_URLS"
 ALLOWED_NETWORKS_ENV = "STEMWORKS_ALLOWED_NETWORKS"
+# More fsspec schemes an operator allows for sources, comma-separated (`gcs,az`): a host setting, never a job's.
+ALLOWED_SCHEMES_ENV = "STEMWORKS_ALLOWED_SCHEMES"
 URL_SCHEMES = frozenset({"http", "https"})
+# Remote sources other than URLs: object stores, opened through fsspec with the host's own credentials.
+STORE_SCHEMES = frozenset({"s3"})
+_CHAINED_URL = re.compile(r"::[a-zA-Z][a-zA-Z0-9+.-]*://")  # `simplecache::http://...` has no leading scheme
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -44,6 +50,56 @@ class UnsafeURLError(FetchError):
 
 def is_url_source(source: str) -> bool:
     return urlsplit(source).scheme.lower() in URL_SCHEMES
+
+
+def is_local_source(source: str) -> bool:
+    """A path on this host (`file://` URLs included), read without fsspec: operator input, not a remote source."""
+    return source.startswith("file://") or not has_scheme(source)
+
+
+def allowed_schemes(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """http, https and s3, plus what the operator lists in STEMWORKS_ALLOWED_SCHEMES."""
+    env = os.environ if environ is None else environ
+    extra = {part.strip().lower() for part in env.get(ALLOWED_SCHEMES_ENV, "").split(",") if part.strip()}
+    return URL_SCHEMES | STORE_SCHEMES | extra
+
+
+def _is_chained(source: str) -> bool:
+    """fsspec reads `zip://a.wav::http://host/b.zip` as a chain of file systems, the outer one fetching
+    from any host without the egress proxy. A bracketed IPv6 host (`http://[::1]/`) is no chain."""
+    try:
+        host = urlsplit(source).netloc
+    except ValueError:
+        return "::" in source
+    rest = source.replace(host, "", 1) if "[" in host else source
+    return "::" in rest
+
+
+def source_problem(source: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why a source may not be read, or None: the one URL rule for every remote source, applied when
+    sources are expanded and again at fetch, before any connection is made.
+
+    Local paths and `file://` are operator input and pass. Remote sources must use http, https, s3 or
+    a scheme the operator allows in STEMWORKS_ALLOWED_SCHEMES; chained URLs (`::`) are always refused.
+    """
+    if _CHAINED_URL.search(source) or (not is_local_source(source) and _is_chained(source)):
+        return "chained URLs ('::') are not allowed as sources"
+    if is_local_source(source):
+        return None
+    scheme = source.split("://", 1)[0].lower()
+    if scheme not in allowed_schemes(environ):
+        return (
+            f"URL scheme {scheme!r} is not allowed for sources; only http, https and s3 "
+            f"(an operator may allow more in {ALLOWED_SCHEMES_ENV}, e.g. gcs,az)"
+        )
+    return None
+
+
+def check_source(source: str) -> None:
+    """Raise UnsafeURLError (never retried) when `source_problem` refuses the source."""
+    problem = source_problem(source)
+    if problem is not None:
+        raise UnsafeURLError(f"refused: {problem}", source=redact(source))
 
 
 def check_scheme(url: str) -> None:
