@@ -11,6 +11,7 @@ import duckdb
 import pytest
 
 from tests.helpers.audiogen import audio_file
+from tests.helpers.cli import stemworks as run_cli
 from tests.helpers.constants import MODEL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,21 +20,13 @@ pytestmark = pytest.mark.slow  # every test runs `stemworks` as a process
 
 
 def stemworks(*args: str, api_url: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     else:  # ephemeral mode: the CLI starts its own temporary API server
         env.pop("PREFECT_API_URL", None)
         env["PREFECT_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=600,
-    )
+    return run_cli(*args, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 from tasks.io.manifest import MANIFEST_NAME as MANIFEST
 from tasks.steps.publish import publish
 from tests.helpers.audiogen import audio_file
+from tests.helpers.cli import stemworks
 from tests.helpers.constants import MODEL_NAME
 from tests.helpers.flows import library_run
 from tests.helpers.manifests import manifest_for
@@ -252,18 +252,9 @@ def cli(args: list[str], store) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         **s3_env(store["moto"].endpoint, SECRET),
-        "PYTHONPATH": str(ROOT),
         "PREFECT_API_URL": PREFECT_API_URL.value(),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "separate", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=600,
-    )
+    return stemworks("separate", *args, env=env)
 
 
 @pytest.mark.prefect_server

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -17,6 +16,7 @@ from tasks.io.sources import expand_sources
 from tasks.io.web.policy import NetworkPolicy, UnsafeURLError, check_scheme
 from tasks.io.web.urls import _check_before_download
 from tests.helpers.audiogen import audio_file
+from tests.helpers.cli import stemworks
 from tests.helpers.constants import MODEL_NAME
 from tests.helpers.flows import library_run
 from tests.helpers.servers import MediaServer, Route, self_signed_certificate
@@ -311,16 +311,8 @@ def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     from prefect.settings import PREFECT_API_URL
 
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("STEMWORKS_ALLOW")}
-    full_env = {**inherited, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value(), **env}
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "separate", *args],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=600,
-    )
+    full_env = {**inherited, "PREFECT_API_URL": PREFECT_API_URL.value(), **env}
+    return stemworks("separate", *args, env=full_env)
 
 
 @pytest.mark.slow

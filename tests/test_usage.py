@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.audiogen import audio_file
+from tests.helpers.cli import stemworks as run_cli
 from tests.helpers.constants import MODEL_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,17 +22,9 @@ pytestmark = pytest.mark.slow  # every test runs `stemworks` as a process
 
 
 def stemworks(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(cwd / ".prefect")}
+    env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect")}
     env.pop("PREFECT_API_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(*args, env=env, cwd=cwd, timeout=300)
 
 
 @pytest.fixture
