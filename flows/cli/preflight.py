@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.core.settings import SeparationSettings
-from tasks.io.locations import has_scheme, normalise
+from tasks.io.locations import has_scheme, is_glob, normalise
 
-_GLOB_CHARS = frozenset("*?[")
 # Every DuckDB database file carries this magic at byte 8 (DuckDB's storage header).
 DUCKDB_MAGIC, DUCKDB_MAGIC_OFFSET = b"DUCK", 8
 
@@ -42,7 +41,7 @@ def missing_sources(sources: list[str]) -> list[str]:
         if has_scheme(source) and not source.startswith("file://"):
             continue  # URLs and stores are checked when they are listed or fetched
         path = normalise(source)
-        found = glob.glob(path, recursive=True) if _GLOB_CHARS & set(source) else os.path.lexists(path)
+        found = glob.glob(path, recursive=True) if is_glob(source) else os.path.lexists(path)
         if not found:
             missing.append(source)
     return missing

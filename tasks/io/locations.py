@@ -96,5 +96,13 @@ def raw_bytes_hex(text: str) -> str | None:
         return text.encode("utf-8", "surrogatepass").hex()
 
 
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def is_glob(location: str) -> bool:
+    """Whether `location` is a pattern (`*`, `?` or `[`) to be expanded rather than a name."""
+    return bool(_GLOB_CHARS.search(location))
+
+
 def is_audio_name(name: str) -> bool:
     return Path(name).suffix.lower() in AUDIO_EXTENSIONS

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from dataclasses import dataclass, field
 
 from tasks.io.faults import describe
 from tasks.io.hashcopy import file_kind
-from tasks.io.locations import has_scheme, is_audio_name, normalise, redact
+from tasks.io.locations import has_scheme, is_audio_name, is_glob, normalise, redact
 from tasks.io.storage import filesystem, is_local
 from tasks.io.web.policy import NetworkPolicy, is_local_source, is_url_source, source_problem
 from tasks.io.web.urls import expand_url
-
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 @dataclass
@@ -65,7 +62,7 @@ def _expand_one(source: str, max_playlist_entries: int) -> ExpandedSources:
         return _expand_local(source)
     scheme = source.split("://", 1)[0].lower()
     fs, path = filesystem(source)
-    if _GLOB_CHARS.search(path):
+    if is_glob(path):
         matches = [p for p in fs.glob(path) if fs.isfile(p)]
     elif fs.isdir(path):
         matches = [p for p in fs.find(path) if is_audio_name(p) and not _hidden(p[len(path) :])]
@@ -80,7 +77,7 @@ def _expand_one(source: str, max_playlist_entries: int) -> ExpandedSources:
 def _expand_local(source: str) -> ExpandedSources:
     path = normalise(source)
     found = ExpandedSources()
-    if _GLOB_CHARS.search(source):
+    if is_glob(source):
         for match in sorted(glob.glob(path, recursive=True)):
             if not os.path.isdir(match):
                 _add_file(found, match)
@@ -118,7 +115,7 @@ def _hidden(relative: str) -> bool:
 
 
 def _nothing_found_reason(source: str) -> str:
-    if _GLOB_CHARS.search(source):
+    if is_glob(source):
         return "pattern matched no files"
     path = source if has_scheme(source) else normalise(source)
     if not has_scheme(source) and os.path.isdir(path):
