@@ -148,6 +148,7 @@ class Relay:
     def _pipe(self, client: socket.socket, upstream: socket.socket) -> None:
         pair = [client, upstream]
         down_after_reply = False
+        reply = b""
         try:
             while True:
                 readable, _, _ = select.select(pair, [], [], 30)
@@ -164,8 +165,10 @@ class Relay:
                         down_after_reply = True
                     (upstream if sock is client else client).sendall(data)
                     if down_after_reply and sock is upstream:
-                        self._go_down()
-                        return
+                        reply += data  # a reply may come in several pieces (and after a 100 Continue)
+                        if reply_is_complete(reply):
+                            self._go_down()
+                            return
         except (OSError, ValueError):
             return
         finally:
@@ -174,6 +177,22 @@ class Relay:
                 self._open.discard(upstream)
             client.close()
             upstream.close()
+
+
+def reply_is_complete(data: bytes) -> bool:
+    """Whether `data` holds a whole final HTTP response: past any 1xx, the header block and its
+    Content-Length body. Going down any earlier would cut the reply the client is waiting for."""
+    while (head_end := data.find(b"\r\n\r\n")) >= 0:
+        head = data[:head_end].decode("latin-1")
+        status = int(head.split(" ", 2)[1])
+        length = re.search(r"(?im)^content-length:\s*(\d+)", head)
+        end = head_end + 4 + (int(length.group(1)) if length else 0)
+        if len(data) < end:
+            return False
+        if not 100 <= status < 200:
+            return True
+        data = data[end:]
+    return False
 
 
 @dataclass
