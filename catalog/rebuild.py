@@ -73,6 +73,7 @@ def _run_record(run_id: str, out: str, manifests: list[Manifest]) -> RunRecord:
         device=first.device,
         code_version=first.code_version,
         hostname=socket.gethostname(),
+        pid=None,  # rebuilt, not run: no process to watch
     )
 
 

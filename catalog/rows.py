@@ -74,6 +74,7 @@ def run_frame(run: RunRecord, rebuilt_from: str | None = None) -> pd.DataFrame:
         "tracks_skipped": None,
         "audio_seconds": None,
         "rebuilt_from": rebuilt_from,
+        "pid": run.pid,
     }
     return _frame("runs", [row])
 
@@ -127,6 +128,10 @@ def track_frame(run_id: str, track_id: str, outcome: TrackOutcome) -> pd.DataFra
         "manifest_uri": published.manifest_uri if published else None,
         "track_uri": published.track_uri if published else None,
         "flow_run_id": outcome.flow_run_id,
+        "hostname": outcome.hostname,
+        "worker": outcome.worker,
+        "shard": outcome.shard,
+        "skip_reason": outcome.skip_reason,
     }
     return _frame("tracks", [row])
 

@@ -24,7 +24,7 @@ from tasks.core.vocabulary import STEPS as STEPS  # re-exported: the `<step>_s` 
 # Bump when the layout of a table or a view changes, and add the statements that upgrade the previous
 # version to MIGRATIONS (an empty tuple when only views changed: views are recreated after every upgrade).
 # A file is only ever opened read-write to upgrade it, so a current file costs readers no write lock.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # version -> statements that upgrade a catalog from version - 1 to version.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -34,6 +34,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # v3: view `published` (where each content is published, by which model and settings); track_latest gains
     # `published`. Views only.
     3: (),
+    # v4: which process ran a run (so `stemworks clean` can tell a dead run from a live one); which host,
+    # worker and shard handled each track; why a track was skipped. Runs can be closed as `crashed`.
+    4: (
+        'ALTER TABLE "runs" ADD COLUMN "pid" BIGINT',
+        'ALTER TABLE "tracks" ADD COLUMN "hostname" VARCHAR',
+        'ALTER TABLE "tracks" ADD COLUMN "worker" VARCHAR',
+        'ALTER TABLE "tracks" ADD COLUMN "shard" BIGINT',
+        'ALTER TABLE "tracks" ADD COLUMN "skip_reason" VARCHAR',
+    ),
 }
 
 
@@ -101,6 +110,9 @@ class RunsModel(_Table):
         description="Storage URL the run was reconstructed "
         "from by `catalog rebuild`; null for runs recorded as they ran.",
     )
+    pid: Series[pd.Int64Dtype] = pa.Field(
+        nullable=True, ge=0, description="Process id of the run on `hostname`; null for rebuilt runs."
+    )
 
     class Config:
         metadata = {"primary_key": ("run_id",)}
@@ -158,6 +170,13 @@ class TracksModel(_Table):
     manifest_uri: Series[str] = pa.Field(nullable=True)
     track_uri: Series[str] = pa.Field(nullable=True)
     flow_run_id: Series[str] = pa.Field(nullable=True)
+    # Appended by migration v4 (so fresh and upgraded files agree on column order).
+    hostname: Series[str] = pa.Field(nullable=True, description="Host that processed the track.")
+    worker: Series[str] = pa.Field(
+        nullable=True, description="Worker that processed the track: STEMWORKS_WORKER or the Prefect worker name."
+    )
+    shard: Series[pd.Int64Dtype] = pa.Field(nullable=True, ge=0, description="Shard of a fanned-out run.")
+    skip_reason: Series[str] = pa.Field(nullable=True, description="Why a skipped track was skipped.")
 
     class Config:
         metadata = {"primary_key": ("track_id",), "foreign_keys": {"run_id": ("runs", "run_id")}}

@@ -110,6 +110,10 @@ def test_succeeded_track_row_flattens_the_outcome(library: tuple[Catalog, dict[s
         "manifest_uri": f"{OUT}/a/manifest.json",
         "track_uri": f"{OUT}/a",
         "flow_run_id": "flow-run-1",
+        "hostname": None,
+        "worker": None,
+        "shard": None,
+        "skip_reason": None,
     }
 
 
@@ -197,6 +201,7 @@ def test_started_run_is_running_with_null_outcome(started: Catalog) -> None:
         "tracks_skipped": None,
         "audio_seconds": None,
         "rebuilt_from": None,
+        "pid": None,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ def run_record(
         device=device,
         code_version=code_version(),
         hostname=socket.gethostname(),
+        pid=os.getpid(),
     )
 
 

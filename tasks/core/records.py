@@ -108,6 +108,10 @@ class TrackOutcome(Record):
     quality: TrackQuality | None = None
     published: PublishedTrack | None = None
     flow_run_id: str | None = None
+    skip_reason: str | None = Field(default=None, description="Why a skipped track was skipped.")
+    hostname: str | None = Field(default=None, description="Host that processed the track.")
+    worker: str | None = Field(default=None, description="STEMWORKS_WORKER, or the Prefect worker's name.")
+    shard: int | None = Field(default=None, description="Shard index within a fanned-out run.")
 
 
 class RunRecord(Record):
@@ -125,6 +129,7 @@ class RunRecord(Record):
     device: str | None = None
     code_version: str
     hostname: str
+    pid: int | None = Field(default=None, description="Process id of the run on `hostname`.")
 
 
 class RunSummary(Record):

@@ -14,7 +14,8 @@ Step = Literal["fetch", "validate", "decode", "separate", "score", "publish"]
 # while recording (catalog), or somewhere no step claims (unknown).
 Stage = Literal["setup", "expand", Step, "catalog", "unknown"]
 TrackStatus = Literal["succeeded", "failed", "skipped"]
-FinishedRunStatus = Literal["completed", "failed"]
+# `crashed`: closed by `stemworks clean` after its process died without finishing it.
+FinishedRunStatus = Literal["completed", "failed", "crashed"]
 RunStatus = Literal["running", FinishedRunStatus]
 
 STEPS: tuple[Step, ...] = get_args(Step)
