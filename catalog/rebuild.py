@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
+from catalog.ducklake import DuckLakeCatalog, is_ducklake
 from catalog.errors import CatalogError
 from catalog.store import Catalog
 from tasks.core.records import RunRecord, RunSummary, TrackOutcome, TrackQuality
@@ -24,12 +26,12 @@ from tasks.io.storage import filesystem
 
 @dataclass
 class RebuildReport:
-    catalog: Path
+    catalog: Path | str  # a file, or a DuckLake location (without its password)
     out: str
     runs: int = 0
     tracks: int = 0
     stems: int = 0
-    moved_aside: Path | None = None
+    moved_aside: Path | str | None = None  # the old file, or the DuckLake snapshot that still holds the old rows
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (manifest, why it was not used)
 
 
@@ -90,13 +92,21 @@ def _move_aside(path: Path) -> Path | None:
     return aside
 
 
-def rebuild(out: str, catalog_path: str | os.PathLike[str], *, allow_empty: bool = False) -> RebuildReport:
+def rebuild(
+    out: str, catalog_path: str | os.PathLike[str], *, allow_empty: bool = False, data_path: str | None = None
+) -> RebuildReport:
     """Write a new catalog at `catalog_path` from the manifests under `out`; an existing file is moved aside.
+
+    A DuckLake `catalog_path` ('ducklake:...', data files under `data_path` or $STEMWORKS_CATALOG_DATA_PATH) is
+    rebuilt in a scratch file first, whose rows then replace the lake's in one transaction; the lake's previous
+    snapshot keeps the old rows.
 
     A location that does not exist or holds no manifest is refused (CatalogError, nothing touched) unless
     `allow_empty`: a mistyped path must never swap the live catalog for an empty one.
     Run it while no flow writes to `catalog_path`: a run recording meanwhile would write to the old file.
     """
+    if is_ducklake(catalog_path):
+        return _rebuild_ducklake(out, str(catalog_path), allow_empty, data_path)
     base = normalise(out)
     report = RebuildReport(catalog=Path(catalog_path), out=redact(base))
     uris = _manifests_to_rebuild_from(base, allow_empty)
@@ -125,6 +135,19 @@ def rebuild(out: str, catalog_path: str | os.PathLike[str], *, allow_empty: bool
     report.moved_aside = _move_aside(Path(catalog_path))
     os.replace(new_path, catalog_path)  # a finished catalog appears in one step, never a partial one
     Path(f"{new_path}.lock").unlink(missing_ok=True)
+    return report
+
+
+def _rebuild_ducklake(out: str, location: str, allow_empty: bool, data_path: str | None) -> RebuildReport:
+    lake = DuckLakeCatalog(location, data_path or os.environ.get("STEMWORKS_CATALOG_DATA_PATH") or None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="stemworks-rebuild-") as scratch:
+            report = rebuild(out, Path(scratch) / "rebuilt.duckdb", allow_empty=allow_empty)
+            before = lake.replace_contents(report.catalog)
+    finally:
+        lake.close()
+    report.catalog = str(lake.location)
+    report.moved_aside = f"snapshot {before} of the DuckLake (read it with `FROM runs AT (VERSION => {before})`)"
     return report
 
 

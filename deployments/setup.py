@@ -1,6 +1,7 @@
 """Set up a fresh (or existing) Prefect server for stemworks; safe to run again.
 
-    python -m deployments.setup [--gpu-slots N] [--out DIR|s3://...] [--catalog FILE] [--library-root DIR]
+    python -m deployments.setup [--gpu-slots N] [--out DIR|s3://...] [--catalog FILE|ducklake:...]
+                                [--catalog-data-path DIR|s3://...] [--library-root DIR]
 
 1. work pools `cpu` and `gpu` (process type) unless they exist;
 2. the global concurrency limit that GPU separations hold (one slot per GPU), created or resized;
@@ -41,6 +42,7 @@ class SetupPlan:
     library_root: str
     deploy: bool
     names: tuple[str, ...]
+    catalog_data_path: str = ""  # a DuckLake catalog's data files; "" for a DuckDB file
 
     def deploy_env(self) -> dict[str, str]:
         """The variables prefect.yaml's `{{ $NAME }}` placeholders are resolved from."""
@@ -48,6 +50,7 @@ class SetupPlan:
             "STEMWORKS_CODE_DIR": str(self.code_dir),
             "STEMWORKS_OUT": self.out,
             "STEMWORKS_CATALOG": self.catalog,
+            "STEMWORKS_CATALOG_DATA_PATH": self.catalog_data_path,
             "STEMWORKS_LIBRARY_ROOT": self.library_root,
         }
 
@@ -111,7 +114,14 @@ def parse(argv: list[str] | None = None) -> SetupPlan:
     )
     parser.add_argument("--out", default=env("STEMWORKS_OUT"), help="stems destination (default CODE_DIR/separated)")
     parser.add_argument(
-        "--catalog", default=env("STEMWORKS_CATALOG"), help="DuckDB catalog (default CODE_DIR/stemworks.duckdb)"
+        "--catalog",
+        default=env("STEMWORKS_CATALOG"),
+        help="DuckDB catalog file, or a shared DuckLake 'ducklake:postgres:...' (default CODE_DIR/stemworks.duckdb)",
+    )
+    parser.add_argument(
+        "--catalog-data-path",
+        default=env("STEMWORKS_CATALOG_DATA_PATH", ""),
+        help="a DuckLake catalog's data files: a folder every host reaches, or s3://bucket/prefix",
     )
     parser.add_argument(
         "--library-root",
@@ -131,6 +141,7 @@ def parse(argv: list[str] | None = None) -> SetupPlan:
         out=args.out or str(code_dir / "separated"),
         catalog=args.catalog or str(code_dir / "stemworks.duckdb"),
         library_root=args.library_root or str(code_dir / "library"),
+        catalog_data_path=args.catalog_data_path,
         deploy=not args.no_deploy,
         names=tuple(args.name),
     )

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from catalog.ducklake import is_ducklake
+from catalog.errors import CatalogError
 from tasks.core.settings import SeparationSettings
 from tasks.io.locations import has_scheme, is_glob, normalise
 
@@ -82,8 +84,9 @@ def check(
     separation: SeparationSettings,
     *,
     out: str,
-    catalog: Path,
+    catalog: Path | str,
     work_dir: str,
+    catalog_data_path: str | None = None,
     announce: Callable[[str], None] = lambda _: None,
 ) -> None:
     """Raise UsageError for the first thing that would make the run fail before its first track.
@@ -98,11 +101,35 @@ def check(
     for what, location in (("--out", out), ("--work-dir", work_dir)):
         if (problem := unwritable(location)) is not None:
             raise UsageError(f"{what} {location}: {problem}", f"choose a folder you can write to with {what}")
-    if (problem := catalog_problem(catalog)) is not None:
+    if is_ducklake(catalog):
+        check_ducklake(str(catalog), catalog_data_path, announce)
+    elif catalog_data_path:
+        raise UsageError(
+            f"--catalog-data-path {catalog_data_path}: --catalog {catalog} is a DuckDB file, which keeps its data "
+            f"in itself",
+            "drop --catalog-data-path (and STEMWORKS_CATALOG_DATA_PATH), or pass a 'ducklake:postgres:...' --catalog",
+        )
+    elif (problem := catalog_problem(Path(catalog))) is not None:
         raise UsageError(
             f"--catalog {catalog}: {problem}", "pass --catalog with a new file name or an existing stemworks catalog"
         )
     check_model(separation, announce)
+
+
+def check_ducklake(location: str, data_path: str | None, announce: Callable[[str], None]) -> None:
+    """A malformed DuckLake location, or a PostgreSQL that cannot be reached, stops the run before any track."""
+    from catalog.backend import catalog_data_path
+    from catalog.ducklake import check_reachable, redact_location
+
+    announce(f"connecting to the DuckLake catalog {redact_location(location)}")
+    try:
+        check_reachable(location, catalog_data_path(data_path))
+    except CatalogError as exc:
+        raise UsageError(
+            f"--catalog: {exc.reason}",
+            "check the DuckLake location ('ducklake:postgres:dbname=NAME host=HOST port=PORT user=USER'), that its "
+            "PostgreSQL server is up and the database exists (createdb NAME)",
+        ) from None
 
 
 def check_model(separation: SeparationSettings, announce: Callable[[str], None]) -> None:
