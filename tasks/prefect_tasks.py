@@ -15,10 +15,12 @@ from prefect import runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
+from tasks.core.evaluation import DatasetItem, StemScore
 from tasks.core.records import (
     AudioInfo,
     DecodedAudio,
     FetchedSource,
+    PublishedStem,
     PublishedTrack,
     RunContext,
     SeparatedStems,
@@ -36,6 +38,7 @@ from tasks.steps import publish as publish_step
 from tasks.steps import score as score_step
 from tasks.steps import separate as separate_step
 from tasks.steps import validate as validate_step
+from tasks.steps.evaluate import scoring as scoring_step
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -144,3 +147,19 @@ def publish(track: TrackWork, separated: SeparatedStems, quality: TrackQuality, 
         files=files,
     )
     return publish_step.publish(out=context.output.out, folder=track.folder, manifest=manifest, files=files)
+
+
+# Not a step of the track pipeline (no `<step>_s` column): the `evaluate` flow scores published stems with it.
+@task(
+    name="evaluate",
+    task_run_name=lambda: f"evaluate · {runtime.task_run.parameters['item'].name}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_if_transient,
+)
+def evaluate(
+    item: DatasetItem, stems: list[PublishedStem], sample_rate: int, limits: Limits, work_dir: str
+) -> tuple[list[StemScore], float, float]:
+    return scoring_step.score_item(item, stems, sample_rate, limits, work_dir)
