@@ -13,7 +13,7 @@ import pandas as pd
 
 from catalog.errors import CatalogValidationError
 from catalog.schema import validate_frame
-from tasks.core.records import PublishedStem, RunRecord, RunSummary, StemQuality, TrackOutcome
+from tasks.core.records import PublishedStem, Removal, RunRecord, RunSummary, StemQuality, TrackOutcome
 from tasks.core.vocabulary import STEPS, Step
 from tasks.io.locations import display_text, raw_bytes_hex
 
@@ -165,3 +165,9 @@ def stem_frame(run_id: str, track_id: str, outcome: TrackOutcome) -> pd.DataFram
     by_name = {q.stem: q for q in outcome.quality.stems} if outcome.quality else {}
     rows = [_stem_row(run_id, track_id, outcome, stem, by_name.get(stem.stem)) for stem in outcome.published.stems]
     return _frame("stems", rows)
+
+
+def removal_frame(removal: Removal) -> pd.DataFrame:
+    """The validated `removals` row of one removed output."""
+    row = removal.model_dump() | {"removed_at": utc(removal.removed_at, "removals.removed_at")}
+    return _frame("removals", [row])

@@ -24,7 +24,7 @@ from tasks.core.vocabulary import STEPS as STEPS  # re-exported: the `<step>_s` 
 # Bump when the layout of a table or a view changes, and add the statements that upgrade the previous
 # version to MIGRATIONS (an empty tuple when only views changed: views are recreated after every upgrade).
 # A file is only ever opened read-write to upgrade it, so a current file costs readers no write lock.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # version -> statements that upgrade a catalog from version - 1 to version.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -36,6 +36,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (),
     # v4: which process ran a run (so `stemworks clean` can tell a dead run from a live one); which host,
     # worker and shard handled each track; why a track was skipped. Runs can be closed as `crashed`.
+    # Table `removals` (outputs removed by `stemworks clean`; views stop listing them) is appended below.
     4: (
         'ALTER TABLE "runs" ADD COLUMN "pid" BIGINT',
         'ALTER TABLE "tracks" ADD COLUMN "hostname" VARCHAR',
@@ -43,6 +44,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         'ALTER TABLE "tracks" ADD COLUMN "shard" BIGINT',
         'ALTER TABLE "tracks" ADD COLUMN "skip_reason" VARCHAR',
     ),
+    # v5: table `evaluations` (scores of separated stems against reference stems, `stemworks evaluate`);
+    # views evaluation_configs and evaluation_pairs. The statement is generated from EvaluationsModel below.
+    5: (),  # filled in below, once EvaluationsModel exists: CREATE TABLE "evaluations" (generated)
 }
 
 
@@ -230,12 +234,68 @@ class StemsModel(_Table):
         }
 
 
+class EvaluationsModel(_Table):
+    """One row per (evaluation run, dataset item, stem): separated stems scored against reference stems."""
+
+    run_id: Series[str] = pa.Field(str_length={"min_value": 1})
+    item: Series[str] = pa.Field(str_length={"min_value": 1}, description="The dataset item's name.")
+    dataset: Series[str] = pa.Field(description="The dataset location as given.")
+    content_sha256: Series[str] = pa.Field(nullable=True, str_matches=SHA256_PATTERN, description="Of the mixture.")
+    job_key: Series[str] = pa.Field(nullable=True, description="The separation's job key (stems' identity).")
+    stem: Series[str] = pa.Field(str_length={"min_value": 1})
+    model_name: Series[str]
+    model_signature: Series[str] = pa.Field(nullable=True)
+    config: Series[str] = pa.Field(description="Label of the model and output-shaping settings compared.")
+    parameters: Series[str] = pa.Field(description="Every setting of the run as JSON text.")
+    sdr: Series[float] = pa.Field(nullable=True, description="BSSEval v4 SDR, median over 1 s windows (dB).")
+    sir: Series[float] = pa.Field(nullable=True, description="BSSEval v4 SIR median (dB).")
+    isr: Series[float] = pa.Field(nullable=True, description="BSSEval v4 ISR median (dB).")
+    sar: Series[float] = pa.Field(nullable=True, description="BSSEval v4 SAR median (dB).")
+    nsdr: Series[float] = pa.Field(description="Whole-track simple SDR of the MDX challenges (dB).")
+    nsdr_chunk_median: Series[float] = pa.Field(description="Median over 1 s chunks of the simple SDR (dB).")
+    bsseval_stable: Series[pd.BooleanDtype] = pa.Field(
+        nullable=True, description="False where ISR, SIR and SAR are rounding noise (singular references)."
+    )
+    sample_rate: Series[int] = pa.Field(gt=0, description="Rate the scores were computed at (Hz).")
+    seconds: Series[float] = pa.Field(ge=0, description="Audio seconds evaluated.")
+    evaluator_version: Series[str]
+    evaluated_at: Series[UtcTimestamp]
+
+    class Config:
+        unique = ["run_id", "item", "stem"]
+        metadata = {"primary_key": ("run_id", "item", "stem"), "foreign_keys": {"run_id": ("runs", "run_id")}}
+
+    @pa.check("parameters", error="is JSON text")
+    def _is_json(cls, series: pd.Series) -> pd.Series:
+        return _json_text(series)
+
+
+class RemovalsModel(_Table):
+    """One row per published output removed by `stemworks clean --superseded/--older-than` (retention).
+
+    Lineage rows stay (what was made, from what, by which model); views that say where stems *are*
+    (`published`, `track_latest.published`) leave out outputs removed after they were published.
+    """
+
+    manifest_uri: Series[str] = pa.Field(str_length={"min_value": 1})
+    job_key: Series[str] = pa.Field(nullable=True)
+    content_sha256: Series[str] = pa.Field(nullable=True, str_matches=SHA256_PATTERN)
+    reason: Series[str] = pa.Field(str_length={"min_value": 1})
+    removed_at: Series[UtcTimestamp]
+    hostname: Series[str]
+
+    class Config:
+        metadata = {"primary_key": ("manifest_uri", "removed_at")}
+
+
 # Creation order: a table comes after the tables its foreign keys point at.
 TABLES: dict[str, type[pa.DataFrameModel]] = {
     "schema_version": SchemaVersionModel,
     "runs": RunsModel,
     "tracks": TracksModel,
     "stems": StemsModel,
+    "removals": RemovalsModel,
+    "evaluations": EvaluationsModel,
 }
 
 # pandas dtype (as pandera prints it) -> DuckDB type. Naive datetimes are left out on purpose.
@@ -298,6 +358,11 @@ def create_table_statement(table: str, model: type[pa.DataFrameModel]) -> str:
 
 def create_table_statements() -> list[str]:
     return [create_table_statement(table, model) for table, model in TABLES.items()]
+
+
+# v4 creates `removals`, v5 creates `evaluations`, exactly as a fresh file does.
+MIGRATIONS[4] = (*MIGRATIONS[4], create_table_statement("removals", RemovalsModel))
+MIGRATIONS[5] = (create_table_statement("evaluations", EvaluationsModel),)
 
 
 def validate_frame(table: str, frame: pd.DataFrame) -> pd.DataFrame:

@@ -34,10 +34,11 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pandas as pd
@@ -47,17 +48,19 @@ try:
 except ImportError:  # Windows: no flock; one writing process at a time is then the user's job
     fcntl = None  # type: ignore[assignment]  # the module or None: callers test `fcntl is None`
 
-from catalog import rows
+from catalog import evaluations, rows
 from catalog.errors import CatalogBusyError, CatalogError
 from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_statements
 from catalog.views import VIEWS, create_view_statements
-from tasks.core.records import RunRecord, RunSummary, TrackOutcome
+from tasks.core.evaluation import EvaluationContext, ItemEvaluation
+from tasks.core.records import Removal, RunningRun, RunRecord, RunSummary, TrackOutcome
 
 # DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
 _LOCK_CONFLICT = "Could not set lock on file"
 _FIRST_PAUSE_S, _MAX_PAUSE_S = 0.002, 0.05
 DEFAULT_BUSY_TIMEOUT_S = 600.0
 EXPORT_FORMATS = ("parquet", "csv")
+_T = TypeVar("_T")
 
 
 class Catalog:
@@ -80,10 +83,13 @@ class Catalog:
     def start_run(self, run: RunRecord, *, rebuilt_from: str | None = None) -> None:
         """Record a run as 'running'. Recording the same run_id twice is an error."""
         frame = rows.run_frame(run, rebuilt_from)
-        with self._transaction() as con:
+
+        def write(con: duckdb.DuckDBPyConnection) -> None:
             if _run_exists(con, run.run_id):
                 raise CatalogError(f"runs: run_id {run.run_id!r} is already recorded")
             _insert(con, "runs", frame)
+
+        self._write(write)
 
     def record_track(self, run_id: str, outcome: TrackOutcome) -> str:
         """Record one track and its published stems atomically; returns the new track_id.
@@ -96,24 +102,103 @@ class Catalog:
             stems = rows.stem_frame(run_id, track_id, outcome)
         except CatalogError as exc:
             raise type(exc)(exc.reason, source=outcome.source) from exc
-        with self._transaction() as con:
+
+        def write(con: duckdb.DuckDBPyConnection) -> None:
             if not _run_exists(con, run_id):
                 raise CatalogError(f"tracks: run_id {run_id!r} was never started", source=outcome.source)
             _insert(con, "tracks", track)
             if stems is not None:
                 _insert(con, "stems", stems)
+
+        self._write(write)
         return track_id
 
     def finish_run(self, summary: RunSummary) -> None:
         """Set a run's outcome and counts. Finishing again overwrites them (e.g. after a flow retry)."""
-        with self._transaction() as con:
+
+        def write(con: duckdb.DuckDBPyConnection) -> None:
             current = con.execute("SELECT * FROM runs WHERE run_id = ?", [summary.run_id]).df()
             if current.empty:
                 raise CatalogError(f"runs: run_id {summary.run_id!r} was never started")
             frame = rows.finished_run_frame(current, summary)  # raising here rolls back: nothing changes
             _update_run(con, frame)
 
+        self._write(write)
+
+    def close_crashed_run(self, run_id: str, finished_at: datetime) -> bool:
+        """Close a run left `running` by a process that died: status `crashed`, counts from its recorded tracks.
+
+        Returns False (and changes nothing) when the run is not running any more.
+        """
+
+        def write(con: duckdb.DuckDBPyConnection) -> bool:
+            current = con.execute("SELECT * FROM runs WHERE run_id = ? AND status = 'running'", [run_id]).df()
+            if current.empty:
+                return False
+            counts = con.execute(
+                "SELECT count(*), count(*) FILTER (status = 'succeeded'), count(*) FILTER (status = 'failed'), "
+                "count(*) FILTER (status = 'skipped'), "
+                "coalesce(sum(audio_seconds) FILTER (status = 'succeeded'), 0) FROM tracks WHERE run_id = ?",
+                [run_id],
+            ).fetchone()
+            assert counts is not None  # an aggregate always returns a row
+            total, succeeded, failed, skipped, seconds = counts
+            started = current["started_at"].iloc[0].to_pydatetime()
+            summary = RunSummary(
+                run_id=run_id,
+                finished_at=max(finished_at, started),
+                status="crashed",
+                tracks_total=total,
+                tracks_succeeded=succeeded,
+                tracks_failed=failed,
+                tracks_skipped=skipped,
+                audio_seconds=float(seconds),
+            )
+            _update_run(con, rows.finished_run_frame(current, summary))
+            return True
+
+        return self._write(write)
+
+    def record_removal(self, removal: Removal) -> None:
+        """Record that a published output was removed (retention), so views stop listing it."""
+        frame = rows.removal_frame(removal)
+        self._write(lambda con: _insert(con, "removals", frame))
+
+    def running_runs(self) -> list[RunningRun]:
+        """Runs recorded as still running: candidates for `stemworks clean` when their process is gone."""
+        sql = "SELECT run_id, hostname, pid, started_at FROM runs WHERE status = 'running' ORDER BY started_at"
+        with self.reading() as con:
+            found = con.execute(sql).fetchall()
+        return [
+            RunningRun(run_id=r, hostname=h, pid=None if p is None else int(p), started_at=t) for r, h, p, t in found
+        ]
+
+    def record_evaluations(self, context: EvaluationContext, evaluation: ItemEvaluation) -> int:
+        """Record one scored item's `evaluations` rows (one per stem) atomically; returns how many.
+
+        Rows are validated before anything is written; an item without scores writes nothing.
+        """
+        try:
+            frame = evaluations.evaluation_frame(context, evaluation)
+        except CatalogError as exc:
+            raise type(exc)(exc.reason, source=evaluation.item) from exc
+        if frame is None:
+            return 0
+
+        def write(con: duckdb.DuckDBPyConnection) -> None:
+            if not _run_exists(con, context.run_id):
+                raise CatalogError(f"evaluations: run_id {context.run_id!r} was never started", source=evaluation.item)
+            _insert(con, "evaluations", frame)
+
+        self._write(write)
+        return len(frame)
+
     # -- reading ---------------------------------------------------------------------------------
+
+    def comparable_evaluations(self, content_sha256s: list[str]) -> pd.DataFrame:
+        """Every recorded evaluation of these mixtures (by content), oldest run first: what a report compares."""
+        with self.reading() as con:
+            return con.execute(evaluations.COMPARABLE, [content_sha256s]).df()
 
     def recorded_manifest_uri(self, job_key: str, out_prefix: str) -> str | None:
         """Most recent manifest_uri of a succeeded track with `job_key` published under `out_prefix`.
@@ -136,6 +221,10 @@ class Catalog:
         sql = "SELECT count(*) FROM stems s JOIN tracks t ON t.track_id = s.track_id WHERE t.manifest_uri = ?"
         with self.reading() as con:
             return _scalar(con, sql, [manifest_uri]) > 0
+
+    def running_run(self, run_id: str) -> RunningRun | None:
+        """`run_id` if it is recorded here as still running (with its host and pid), else None."""
+        return next((run for run in self.running_runs() if run.run_id == run_id), None)
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one read-only SQL statement; returns (column names, rows)."""
@@ -222,6 +311,11 @@ class Catalog:
                 _rollback(con)
                 raise
 
+    def _write(self, work: Callable[[duckdb.DuckDBPyConnection], _T]) -> _T:
+        """Run `work` in one write transaction (DuckLakeCatalog runs it again after a transaction conflict)."""
+        with self._transaction() as con:
+            return work(con)
+
     @contextmanager
     def reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection, waiting out writers like every open; close it soon (writers wait for it)."""
@@ -252,7 +346,8 @@ class Catalog:
         has_table = _scalar(
             con,
             "SELECT count(*) FROM information_schema.tables "
-            "WHERE table_schema = current_schema() AND table_name = 'schema_version'",
+            "WHERE table_catalog = current_database() AND table_schema = current_schema() "
+            "AND table_name = 'schema_version'",
         )
         version = _scalar(con, "SELECT max(version) FROM schema_version") if has_table else None
         if version is not None and version > SCHEMA_VERSION:
@@ -402,7 +497,8 @@ def _migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
 def _check_columns(con: duckdb.DuckDBPyConnection) -> None:
     """Fail early on a file whose tables lack columns this code writes (e.g. a hand-edited catalog)."""
     stored = con.execute(
-        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_catalog = current_database() AND table_schema = current_schema()"
     ).fetchall()
     have = {(table, column) for table, column in stored}
     missing = [

@@ -1,4 +1,4 @@
-"""Views analysts query: lineage, latest outcome per content hash, failures, throughput.
+"""Views analysts query: lineage, latest outcome per content hash, failures, throughput, evaluations.
 
 They read only the tables, so they are always as current as the last committed write. Changing one
 means bumping `SCHEMA_VERSION` (with an empty migration if no table changes): views are (re)created
@@ -59,10 +59,13 @@ SELECT
     t.track_id,
     count(*) OVER by_content                                                   AS outcomes,
     sum(CASE WHEN t.status = 'succeeded' THEN 1 ELSE 0 END) OVER by_content    AS times_succeeded,
-    -- stems exist for this content (with some model and settings): the `published` view says where
-    bool_or(t.status IN ('succeeded', 'skipped') AND t.manifest_uri IS NOT NULL) OVER by_content AS published
+    -- stems exist for this content (with some model and settings, not removed since): `published` says where
+    bool_or(t.status IN ('succeeded', 'skipped') AND t.manifest_uri IS NOT NULL
+            AND (x.removed_at IS NULL OR x.removed_at < t.finished_at)) OVER by_content AS published
 FROM tracks t
 JOIN runs r ON r.run_id = t.run_id
+LEFT JOIN (SELECT manifest_uri, max(removed_at) AS removed_at FROM removals GROUP BY ALL) x
+       ON x.manifest_uri = t.manifest_uri
 WHERE t.content_sha256 IS NOT NULL
 WINDOW by_content AS (PARTITION BY t.content_sha256)
 QUALIFY row_number() OVER (PARTITION BY t.content_sha256
@@ -71,8 +74,9 @@ QUALIFY row_number() OVER (PARTITION BY t.content_sha256
 
 # Where each piece of work (content x model x output-shaping settings = job key) is published: the answer to
 # "does this file have stems, where, made by which model?" whatever happened in later runs (reruns record
-# `skipped` rows that point at the same manifest).
+# `skipped` rows that point at the same manifest). Outputs removed by `stemworks clean` since are left out.
 PUBLISHED = """
+SELECT * EXCLUDE (removed_at) FROM (
 SELECT
     t.content_sha256,
     t.job_key,
@@ -85,13 +89,15 @@ SELECT
     min(CASE WHEN t.status = 'succeeded' THEN t.finished_at END) OVER by_key    AS published_at,
     t.finished_at                                                                AS last_seen_at,
     count(*) OVER by_key                                                         AS times_seen,
-    t.run_id                                                                     AS last_run_id
+    t.run_id                                                                     AS last_run_id,
+    (SELECT max(x.removed_at) FROM removals x WHERE x.manifest_uri = t.manifest_uri) AS removed_at
 FROM tracks t
 JOIN runs r ON r.run_id = t.run_id
 WHERE t.status IN ('succeeded', 'skipped') AND t.manifest_uri IS NOT NULL AND t.job_key IS NOT NULL
 WINDOW by_key AS (PARTITION BY t.job_key)
 QUALIFY row_number() OVER (PARTITION BY t.job_key
                            ORDER BY t.finished_at DESC, t.started_at DESC, t.track_id DESC) = 1
+) WHERE removed_at IS NULL OR removed_at < last_seen_at
 """
 
 # Failed tracks; `reason` is the error with the track's own source replaced, so the same problem on
@@ -138,12 +144,69 @@ WHERE t.status = 'succeeded' AND t.separate_s IS NOT NULL
 GROUP BY ALL
 """
 
+# Evaluated configurations side by side: per model, settings (`config`) and stem, how many items and the
+# median, mean and spread of each score. BSSEval medians ignore nulls (a silent reference leaves them null).
+EVALUATION_CONFIGS = """
+SELECT
+    e.model_name,
+    e.model_signature,
+    e.config,
+    e.stem,
+    count(DISTINCT e.content_sha256)    AS items,
+    count(*)                            AS evaluations,
+    count(DISTINCT e.run_id)            AS runs,
+    median(e.sdr)                       AS median_sdr,
+    avg(e.sdr)                          AS mean_sdr,
+    count(e.sdr)                        AS count_sdr,
+    median(e.sir)                       AS median_sir,
+    median(e.isr)                       AS median_isr,
+    median(e.sar)                       AS median_sar,
+    median(e.nsdr)                      AS median_nsdr,
+    avg(e.nsdr)                         AS mean_nsdr,
+    median(e.nsdr_chunk_median)         AS median_nsdr_chunk,
+    min(e.evaluated_at)                 AS first_evaluated_at,
+    max(e.evaluated_at)                 AS last_evaluated_at,
+    any_value(e.evaluator_version)      AS evaluator_version
+FROM evaluations e
+GROUP BY ALL
+"""
+
+# Two evaluation runs on the same items (same mixture content, same stem): run_b is the later one, and each
+# delta is b - a (positive: b separates better). One row per (pair of runs, stem).
+EVALUATION_PAIRS = """
+SELECT
+    a.run_id                            AS run_a,
+    b.run_id                            AS run_b,
+    a.config                            AS config_a,
+    b.config                            AS config_b,
+    a.stem,
+    count(*)                            AS items,
+    median(a.sdr)                       AS median_sdr_a,
+    median(b.sdr)                       AS median_sdr_b,
+    median(b.sdr - a.sdr)               AS median_sdr_delta,
+    avg(b.sdr - a.sdr)                  AS mean_sdr_delta,
+    median(a.nsdr)                      AS median_nsdr_a,
+    median(b.nsdr)                      AS median_nsdr_b,
+    median(b.nsdr - a.nsdr)             AS median_nsdr_delta,
+    avg(b.nsdr - a.nsdr)                AS mean_nsdr_delta,
+    ra.started_at                       AS started_a,
+    rb.started_at                       AS started_b
+FROM evaluations a
+JOIN evaluations b ON b.content_sha256 = a.content_sha256 AND b.stem = a.stem AND b.run_id <> a.run_id
+JOIN runs ra ON ra.run_id = a.run_id
+JOIN runs rb ON rb.run_id = b.run_id
+WHERE ra.started_at < rb.started_at OR (ra.started_at = rb.started_at AND a.run_id < b.run_id)
+GROUP BY ALL
+"""
+
 VIEWS: dict[str, str] = {
     "lineage": LINEAGE,
     "track_latest": TRACK_LATEST,
     "published": PUBLISHED,
     "failures": FAILURES,
     "throughput": THROUGHPUT,
+    "evaluation_configs": EVALUATION_CONFIGS,
+    "evaluation_pairs": EVALUATION_PAIRS,
 }
 
 

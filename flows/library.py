@@ -62,6 +62,7 @@ def separate_library(
     limits: Limits = Limits(),
     catalog: str | None = None,
     work_root: str | None = None,
+    catalog_data_path: str | None = None,
 ) -> LibrarySummary | State[Any]:
     """Separate every track found in `sources` (files, folders, globs, URLs) and record the run.
 
@@ -74,28 +75,37 @@ def separate_library(
         separation: Model, device and Demucs settings.
         output: Where (local folder or s3://bucket/prefix) and in which format stems are written.
         limits: What a source must satisfy to be separated; others fail alone, with the reason.
-        catalog: DuckDB catalog file recording runs, tracks and stems; unset uses $STEMWORKS_CATALOG or
+        catalog: DuckDB catalog file recording runs, tracks and stems, or a DuckLake every worker shares
+            ('ducklake:postgres:dbname=... host=... port=... user=...'); unset uses $STEMWORKS_CATALOG or
             ./stemworks.duckdb on the worker.
         work_root: Scratch folder for decoded audio and raw stems; unset uses $STEMWORKS_WORK_DIR or the
             system temp folder.
+        catalog_data_path: Folder or s3:// prefix for a DuckLake catalog's data files (needed to create
+            one); unset uses $STEMWORKS_CATALOG_DATA_PATH. Not used by a DuckDB file catalog.
     """
     logger = get_run_logger()
-    started = start_run("separate-library", sources, separation, output, limits, catalog, work_root)
+    started = start_run("separate-library", sources, separation, output, limits, catalog, work_root, catalog_data_path)
     pipeline, record = started.pipeline, started.record
     context, store = pipeline.context, pipeline.catalog
-    expanded = expand_sources(sources, limits.max_playlist_entries)
-    logger.info("run %s: %d tracks from %d sources", context.run_id, len(expanded.tracks), len(sources))
-    total = len(expanded.tracks) + len(expanded.problems)
-    reporter().planned(total)
-    progress = RunProgress(total)
-    conclude = partial(_conclude, pipeline, progress)
-    outcomes = [conclude(_unexpandable(source, reason)) for source, reason in expanded.problems]
-    # Three tracks in flight: the next is fetched and decoded (leaving the catalog alone), this one
-    # separates, the previous one is scored, published and recorded.
-    outcomes += overlapped(
-        expanded.tracks, prepare=partial(pipeline.prepare, ask_catalog=False), work=pipeline.separate, finish=conclude
-    )
-    store.finish_run(run_summary(context.run_id, outcomes))
+    try:
+        expanded = expand_sources(sources, limits.max_playlist_entries)
+        logger.info("run %s: %d tracks from %d sources", context.run_id, len(expanded.tracks), len(sources))
+        total = len(expanded.tracks) + len(expanded.problems)
+        reporter().planned(total)
+        progress = RunProgress(total)
+        conclude = partial(_conclude, pipeline, progress)
+        outcomes = [conclude(_unexpandable(source, reason)) for source, reason in expanded.problems]
+        # Three tracks in flight: the next is fetched and decoded (leaving the catalog alone), this one
+        # separates, the previous one is scored, published and recorded.
+        outcomes += overlapped(
+            expanded.tracks,
+            prepare=partial(pipeline.prepare, ask_catalog=False),
+            work=pipeline.separate,
+            finish=conclude,
+        )
+        store.finish_run(run_summary(context.run_id, outcomes))
+    finally:
+        started.close()
     summary = LibrarySummary(
         run_id=context.run_id,
         flow_run_id=record.flow_run_id,

@@ -30,15 +30,20 @@ def separate_track(
     limits: Limits = Limits(),
     catalog: str | None = None,
     work_root: str | None = None,
+    catalog_data_path: str | None = None,
 ) -> TrackOutcome:
     """Separate one source into stems, publish them with a manifest, and record a run of its own.
 
     `separate-library` does not call this flow per track (a subflow costs about a second of Prefect
     overhead): it runs the same phases as task runs of its own flow run.
     """
-    pipeline = start_run("separate-track", [source], separation, output, limits, catalog, work_root).pipeline
-    outcome = pipeline.record(pipeline.process(source))
-    pipeline.catalog.finish_run(run_summary(pipeline.context.run_id, [outcome]))
+    started = start_run("separate-track", [source], separation, output, limits, catalog, work_root, catalog_data_path)
+    pipeline = started.pipeline
+    try:
+        outcome = pipeline.record(pipeline.process(source))
+        pipeline.catalog.finish_run(run_summary(pipeline.context.run_id, [outcome]))
+    finally:
+        started.close()
     if outcome.status == "failed":
         raise TrackFailed(outcome)
     return outcome

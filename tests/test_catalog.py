@@ -58,7 +58,14 @@ def as_dicts(catalog: Catalog, sql: str) -> list[dict]:
 
 def test_new_file_has_every_table_empty_but_the_version(path: Path, catalog: Catalog) -> None:
     assert path.is_file()
-    assert catalog.counts() == {"schema_version": 1, "runs": 0, "tracks": 0, "stems": 0}
+    assert catalog.counts() == {
+        "schema_version": 1,
+        "runs": 0,
+        "tracks": 0,
+        "stems": 0,
+        "removals": 0,
+        "evaluations": 0,
+    }
     assert catalog.query("SELECT version FROM schema_version") == (["version"], [(SCHEMA_VERSION,)])
 
 
@@ -66,7 +73,14 @@ def test_library_run_rows_and_counts(library: tuple[Catalog, dict[str, str]]) ->
     catalog, ids = library
     path = catalog.path
 
-    assert catalog.counts() == {"schema_version": 1, "runs": 1, "tracks": 4, "stems": 8}
+    assert catalog.counts() == {
+        "schema_version": 1,
+        "runs": 1,
+        "tracks": 4,
+        "stems": 8,
+        "removals": 0,
+        "evaluations": 0,
+    }
     assert len(set(ids.values())) == 4 and all(len(i) == 32 for i in ids.values())
     assert read_plain(path, "SELECT status, count(*) FROM tracks GROUP BY status ORDER BY status") == [
         ("failed", 1),
@@ -252,7 +266,14 @@ def test_unknown_run_is_refused_and_nothing_written(catalog: Catalog) -> None:
                 audio_seconds=0,
             )
         )
-    assert catalog.counts() == {"schema_version": 1, "runs": 0, "tracks": 0, "stems": 0}
+    assert catalog.counts() == {
+        "schema_version": 1,
+        "runs": 0,
+        "tracks": 0,
+        "stems": 0,
+        "removals": 0,
+        "evaluations": 0,
+    }
 
 
 def test_invalid_summary_leaves_run_running(started: Catalog) -> None:
@@ -341,7 +362,11 @@ def test_bad_track_raises_and_writes_nothing(one_good_track: Catalog, make_outco
     with pytest.raises(CatalogValidationError, match=message) as raised:
         started.record_track("run-1", outcome)
 
-    assert started.counts() == before == {"schema_version": 1, "runs": 1, "tracks": 1, "stems": 4}
+    assert (
+        started.counts()
+        == before
+        == {"schema_version": 1, "runs": 1, "tracks": 1, "stems": 4, "removals": 0, "evaluations": 0}
+    )
     assert raised.value.step == "catalog" and raised.value.source == outcome.source
 
 
@@ -368,7 +393,14 @@ def test_reopening_keeps_rows_and_version(path: Path, catalog: Catalog) -> None:
     ids = recorded_library(catalog)
     reopened = Catalog(path)
 
-    assert reopened.counts() == {"schema_version": 1, "runs": 1, "tracks": 4, "stems": 8}
+    assert reopened.counts() == {
+        "schema_version": 1,
+        "runs": 1,
+        "tracks": 4,
+        "stems": 8,
+        "removals": 0,
+        "evaluations": 0,
+    }
     assert reopened.record_track("run-1", make_succeeded("c")) not in ids.values()
     assert Catalog(path).counts()["tracks"] == 5
 

@@ -171,7 +171,13 @@ def test_concurrent_writers_record_every_row_exactly_once(concurrent: dict) -> N
     total = WRITERS * TRACKS_EACH
     sources = sorted(str(s) for group in concurrent["inputs"] for s in group)
 
-    assert catalog.counts() == {"schema_version": 1, "runs": WRITERS, "tracks": total, "stems": total * STEMS_EACH}
+    assert catalog.counts() == {
+        "schema_version": 1,
+        "runs": WRITERS,
+        "tracks": total,
+        "stems": total * STEMS_EACH,
+        "evaluations": 0,
+    }
     assert catalog.query("SELECT status, tracks_total, tracks_succeeded, count(*) FROM runs GROUP BY ALL")[1] == [
         ("completed", TRACKS_EACH, TRACKS_EACH, WRITERS)
     ]
@@ -240,6 +246,7 @@ def test_rebuild_from_manifests_after_deleting_the_catalog(concurrent: dict) -> 
         "runs": WRITERS,
         "tracks": len(manifests),
         "stems": len(stem_files(concurrent["out"])),
+        "evaluations": 0,
     }
     assert catalog.query(lineage)[1] == before
     assert catalog.query("SELECT DISTINCT flow_name, rebuilt_from FROM runs")[1] == [

@@ -231,7 +231,14 @@ def test_version_1_file_opens_upgraded_and_keeps_its_rows(tmp_path: Path) -> Non
         )
     )
     assert catalog.query("SELECT count(*), min(track_id) FROM lineage")[1] == [(4, track_id)]
-    assert Catalog(path).counts() == {"schema_version": SCHEMA_VERSION, "runs": 1, "tracks": 1, "stems": 4}
+    assert Catalog(path).counts() == {
+        "schema_version": SCHEMA_VERSION,
+        "runs": 1,
+        "tracks": 1,
+        "stems": 4,
+        "removals": 0,
+        "evaluations": 0,
+    }
 
 
 # -- a file another process keeps open -------------------------------------------------------------------

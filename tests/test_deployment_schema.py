@@ -33,6 +33,12 @@ def resolved(value):
 
 
 DEPLOYMENTS = {d["name"]: d for d in prefect_yaml()["deployments"]}
+# Each flow's name and its one required parameter (a list of locations, at least one).
+FLOWS = {
+    "flows/library.py:separate_library": ("separate-library", "sources"),
+    "flows/evaluate.py:evaluate": ("evaluate", "datasets"),
+    "flows/clean.py:clean_up": ("clean", None),  # housekeeping: every parameter has a default
+}
 
 
 def test_deployments_pools_and_nightly_guard() -> None:
@@ -40,7 +46,10 @@ def test_deployments_pools_and_nightly_guard() -> None:
         "adhoc": "cpu",
         "adhoc-gpu": "gpu",
         "nightly": "gpu",
+        "evaluate": "cpu",
+        "clean": "cpu",
     }
+    assert DEPLOYMENTS["clean"]["schedules"][0]["cron"] == "0 5 * * *"
     nightly = DEPLOYMENTS["nightly"]
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     assert nightly["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
@@ -54,14 +63,18 @@ def test_deployments_pools_and_nightly_guard() -> None:
 def test_entrypoint_imports_and_its_form_is_described(name: str) -> None:
     deployment = DEPLOYMENTS[name]
     flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"]))
-    assert flow.name == "separate-library"
+    flow_name, required = FLOWS[deployment["entrypoint"]]
+    assert flow.name == flow_name
     schema = parameter_schema(flow).model_dump_for_openapi()
     # What `prefect deploy` sends is built from the source; it must agree with the imported flow.
     from_source = parameter_schema_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"])).model_dump_for_openapi()
     assert from_source["properties"].keys() == schema["properties"].keys()
     for prop in schema["properties"].values():
         assert prop.get("title") and prop.get("description"), prop
-    assert schema["required"] == ["sources"] and schema["properties"]["sources"]["minItems"] == 1
+    if required is None:
+        assert not schema.get("required")
+        return
+    assert schema["required"] == [required] and schema["properties"][required]["minItems"] == 1
     for model in ("SeparationSettings", "OutputSettings", "Limits"):
         for field, prop in schema["definitions"][model]["properties"].items():
             assert prop.get("title"), f"{model}.{field} has no title"
@@ -80,7 +93,14 @@ def test_deployment_parameters_satisfy_the_schema(name: str) -> None:
     deployment = DEPLOYMENTS[name]
     flow = load_flow_from_entrypoint(str(REPO_ROOT / deployment["entrypoint"]))
     schema = parameter_schema(flow).model_dump_for_openapi()
-    parameters = {"sources": ["/srv/music/a.flac"], **resolved(deployment.get("parameters", {}))}
+    required = FLOWS[deployment["entrypoint"]][1]
+    parameters = {required: ["/srv/music/a.flac"], **resolved(deployment.get("parameters", {}))}
+    if required is None:
+        parameters = resolved(deployment.get("parameters", {}))
+        validate(parameters, schema, raise_on_error=True, ignore_required=False)
+        with pytest.raises(Exception, match="-1"):
+            validate({**parameters, "retention": {"older_than_days": -1}}, schema, raise_on_error=True)
+        return
     validate(parameters, schema, raise_on_error=True, ignore_required=False)
     bad = {**parameters, "output": {"format": "ogg"}}
     with pytest.raises(Exception, match="ogg"):

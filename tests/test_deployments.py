@@ -145,6 +145,8 @@ def test_setup_creates_pools_gpu_slots_and_deployments(stack: Stack) -> None:
         "adhoc": "cpu",
         "adhoc-gpu": "gpu",
         "nightly": "gpu",
+        "evaluate": "cpu",
+        "clean": "cpu",
     }
     nightly = deployments["nightly"]
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]

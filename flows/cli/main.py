@@ -21,10 +21,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.cli import clean as clean_cli
+from flows.cli import evaluate as evaluate_cli
 from flows.cli.options import Renamed, add_settings_options, settings_from, settings_message
+from flows.pipeline.workarea import prefect_scratch_prefix
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 
 if TYPE_CHECKING:  # imported for real only by the commands that run flows: `--help` stays fast
+    from catalog import Catalog
     from flows.pipeline.runs import LibrarySummary
 
 EXIT_OK, EXIT_TRACK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -46,6 +50,21 @@ METAVARS = {
 }
 
 
+def add_catalog_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--catalog",
+        metavar="PATH|DUCKLAKE",
+        help="DuckDB catalog file, or a DuckLake every host shares: 'ducklake:postgres:dbname=... host=... "
+        "port=... user=...' (default $STEMWORKS_CATALOG or ./stemworks.duckdb)",
+    )
+    parser.add_argument(
+        "--catalog-data-path",
+        metavar="DIR|S3_URL",
+        help="where a DuckLake catalog keeps its data files; needed to create one "
+        "(default $STEMWORKS_CATALOG_DATA_PATH)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stemworks", description="Separate music into stems with Demucs.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,9 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_options(sep, OutputSettings, metavars=METAVARS)
     add_settings_options(sep, SeparationSettings, skip=CLI_SKIPS, metavars=METAVARS)
     add_settings_options(sep, Limits, renamed=RENAMED, metavars=METAVARS)
-    sep.add_argument(
-        "--catalog", metavar="PATH", help="DuckDB catalog file (default $STEMWORKS_CATALOG or ./stemworks.duckdb)"
-    )
+    add_catalog_options(sep)
     sep.add_argument(
         "--work-dir",
         metavar="DIR",
@@ -70,19 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sep.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs on the console")
 
+    evaluate_cli.add_parser(commands, skip=CLI_SKIPS, renamed=RENAMED, metavars=METAVARS)
+    clean_cli.add_parser(commands)
+
     cat = commands.add_parser("catalog", help="query the catalog")
     cat_commands = cat.add_subparsers(dest="catalog_command", required=True)
     query = cat_commands.add_parser("query", help="print the result of a SQL query over the catalog")
     query.add_argument("sql")
-    query.add_argument("--catalog", metavar="PATH")
+    add_catalog_options(query)
     query.add_argument("--format", choices=["table", "csv", "json"], default="table")
     export = cat_commands.add_parser("export", help="write every table and view to DIR as parquet or csv")
     export.add_argument("dir", metavar="DIR")
-    export.add_argument("--catalog", metavar="PATH")
+    add_catalog_options(export)
     export.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     rebuild = cat_commands.add_parser("rebuild", help="rebuild the catalog from the manifests published under OUT_URL")
     rebuild.add_argument("--from", dest="out", required=True, metavar="OUT_URL")
-    rebuild.add_argument("--catalog", metavar="PATH")
+    add_catalog_options(rebuild)
     rebuild.add_argument(
         "--allow-empty",
         action="store_true",
@@ -174,7 +194,7 @@ def run_separate(args: argparse.Namespace, term: Terminal) -> int:
     except SettingsError as exc:
         return term.usage_error(f"invalid settings: {settings_message(exc, RENAMED)}")
     # Imported here, not at the top: `stemworks --help` and `catalog` commands need no torch or Prefect.
-    from catalog import default_catalog_path
+    from catalog.backend import catalog_location
     from flows.cli import preflight
     from flows.pipeline.workarea import default_work_root
 
@@ -185,7 +205,8 @@ def run_separate(args: argparse.Namespace, term: Terminal) -> int:
             args.sources,
             separation,
             out=output.out,
-            catalog=Path(args.catalog or default_catalog_path()),
+            catalog=catalog_location(args.catalog),
+            catalog_data_path=args.catalog_data_path,
             work_dir=args.work_dir or default_work_root(),
             announce=term.status,
         )
@@ -226,7 +247,7 @@ def _prefect_api_of_this_process() -> Iterator[None]:
     if PREFECT_API_URL.value() or configured:
         yield
         return
-    scratch = Path(tempfile.mkdtemp(prefix="stemworks-prefect-"))
+    scratch = Path(tempfile.mkdtemp(prefix=prefect_scratch_prefix()))  # named by process: `clean` finds a dead one's
     updates = {
         PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{scratch / 'prefect.db'}",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S,
@@ -253,6 +274,7 @@ def _separate_with_progress(
                 output=output,
                 limits=limits,
                 catalog=args.catalog,
+                catalog_data_path=args.catalog_data_path,
                 work_root=args.work_dir,
                 return_state=True,
             )
@@ -266,7 +288,9 @@ def _separate_with_progress(
 def print_summary(summary: LibrarySummary, console: Console) -> None:
     console.print(f"[bold]{summary.counts_text()}[/bold] (run {summary.run_id})")
     console.print(f"stems:   {summary.out}", highlight=False)
-    console.print(f"catalog: {Path(summary.catalog).resolve()}", highlight=False)
+    from catalog.backend import describe
+
+    console.print(f"catalog: {describe(summary.catalog)}", highlight=False)
     for track in summary.tracks:
         if track.status == "failed":
             console.print(
@@ -275,13 +299,11 @@ def print_summary(summary: LibrarySummary, console: Console) -> None:
             )
 
 
-def _existing_catalog(args: argparse.Namespace) -> Path:
-    from catalog import CatalogError, default_catalog_path
+def _existing_catalog(args: argparse.Namespace) -> Catalog:
+    """The catalog `--catalog` names (a file that must exist, or a DuckLake attached read-only)."""
+    from catalog.backend import open_existing
 
-    path = Path(args.catalog or default_catalog_path())
-    if not path.exists():
-        raise CatalogError(f"no catalog at {path}; pass --catalog PATH or set STEMWORKS_CATALOG")
-    return path
+    return open_existing(args.catalog, args.catalog_data_path)
 
 
 def run_catalog(args: argparse.Namespace, term: Terminal) -> int:
@@ -295,18 +317,18 @@ def run_catalog(args: argparse.Namespace, term: Terminal) -> int:
 
 
 def run_export(args: argparse.Namespace, term: Terminal) -> int:
-    from catalog import Catalog
-
-    for file in Catalog(_existing_catalog(args)).export(args.dir, args.format):
+    for file in _existing_catalog(args).export(args.dir, args.format):
         term.out.print(f"wrote {file}", highlight=False)
     return EXIT_OK
 
 
 def run_rebuild(args: argparse.Namespace, term: Terminal) -> int:
-    from catalog import default_catalog_path
+    from catalog.backend import catalog_location
     from catalog.rebuild import rebuild
 
-    report = rebuild(args.out, args.catalog or default_catalog_path(), allow_empty=args.allow_empty)
+    report = rebuild(
+        args.out, catalog_location(args.catalog), allow_empty=args.allow_empty, data_path=args.catalog_data_path
+    )
     if report.moved_aside:
         term.out.print(f"previous catalog kept as {report.moved_aside}", highlight=False)
     for uri, why in report.skipped:
@@ -321,11 +343,9 @@ def run_rebuild(args: argparse.Namespace, term: Terminal) -> int:
 def run_query(args: argparse.Namespace, term: Terminal) -> int:
     import duckdb
 
-    from catalog import Catalog
-
-    path = _existing_catalog(args)
+    catalog = _existing_catalog(args)
     try:
-        columns, rows = Catalog(path).query(args.sql)
+        columns, rows = catalog.query(args.sql)
     except duckdb.Error as exc:
         return term.usage_error(f"query failed: {exc}")
     if args.format == "csv":
@@ -357,6 +377,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_separate(args, term)
     if args.command == "catalog":
         return run_catalog(args, term)
+    if args.command == "clean":
+        return clean_cli.run(args, term)
+    if args.command == "evaluate":
+        return evaluate_cli.run(
+            args,
+            term,
+            renamed=RENAMED,
+            quiet=_quiet_prefect,
+            prefect_api=_prefect_api_of_this_process,
+            reporter=RichReporter,
+        )
     return run_model_random(args, term)
 
 

@@ -72,7 +72,9 @@ def add_settings_options(
             "default": None,
             "help": (field.description or field.title or name) + _default_text(field, rename),
         }
-        if get_origin(annotation) is Literal:
+        if annotation is bool:  # a flag: given means True; absent leaves the field's default
+            options.update(action="store_true")
+        elif get_origin(annotation) is Literal:
             choices = list(get_args(annotation))
             options.update(type=type(choices[0]), choices=choices)
         elif annotation in (int, float):

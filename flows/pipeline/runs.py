@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import Field
 
-from catalog import Catalog, default_catalog_path
+from catalog.backend import catalog_location, open_catalog, shown_location
 from flows.pipeline.track import TrackPipeline, flow_run_id, now
-from flows.pipeline.workarea import default_work_root
+from flows.pipeline.workarea import close_run_area, default_work_root, open_run_area
 from tasks.core.records import Record, RunContext, RunRecord, RunSummary, TrackOutcome
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 from tasks.core.version import code_version
@@ -55,6 +55,13 @@ class StartedRun:
     pipeline: TrackPipeline
     catalog_path: str
 
+    def close(self) -> None:
+        """Release the run's claims and remove its work folder: call once its tracks are over, however
+        the run ends (a process that dies instead leaves them to lapse, or to `stemworks clean`)."""
+        context = self.pipeline.context
+        self.pipeline.claims.close()
+        close_run_area(context.work_root, context.run_id)
+
 
 def start_run(
     flow_name: str,
@@ -64,12 +71,14 @@ def start_run(
     limits: Limits,
     catalog: str | None,
     work_root: str | None,
+    catalog_data_path: str | None = None,
 ) -> StartedRun:
     """Load the model (a bad model or device fails the run before any file is written), open the
-    catalog (`$STEMWORKS_CATALOG` or ./stemworks.duckdb when unset) and record the run as running."""
+    catalog (`$STEMWORKS_CATALOG` or ./stemworks.duckdb when unset; a 'ducklake:...' location with its data
+    path from `catalog_data_path` or `$STEMWORKS_CATALOG_DATA_PATH`) and record the run as running."""
     _, model, device = load_model(separation)
-    catalog_path = str(catalog or default_catalog_path())
-    store = Catalog(catalog_path)
+    catalog_path = catalog_location(catalog)
+    store = open_catalog(catalog_path, catalog_data_path)
     context = RunContext(
         run_id=uuid.uuid4().hex,
         separation=separation,
@@ -79,7 +88,8 @@ def start_run(
     )
     record = run_record(context, flow_name=flow_name, sources=sources, model_signature=model.signature, device=device)
     store.start_run(record)
-    return StartedRun(record, TrackPipeline(context, store), catalog_path)
+    open_run_area(context.work_root, context.run_id)
+    return StartedRun(record, TrackPipeline(context, store), shown_location(catalog_path))
 
 
 def run_status(outcomes: Sequence[TrackOutcome]) -> FinishedRunStatus:

@@ -8,6 +8,7 @@ track's work area once the track is over.
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,9 +37,13 @@ from tasks.core.records import (
 from tasks.core.settings import job_key
 from tasks.core.vocabulary import Stage, Step, TrackStatus
 from tasks.engine.models import load_model, precision_for
+from tasks.io.claims import Claim, ClaimKeeper, Holder
 from tasks.io.locations import normalise, raw_bytes_hex, redact
 from tasks.io.manifest import complete_manifest, manifest_uri, read_manifest
-from tasks.steps.publish import track_folder
+from tasks.io.processes import alive_since, worker_label
+from tasks.steps.publish import AlreadyPublishedError, track_folder
+
+ALREADY_PUBLISHED = "already published with the same model and settings"
 
 
 def now() -> datetime:
@@ -101,6 +106,7 @@ class TrackLog:
         error_step: Stage | None = None,
         quality: TrackQuality | None = None,
         published: PublishedTrack | None = None,
+        skip_reason: str | None = None,
     ) -> TrackOutcome:
         facts = self.facts
         return TrackOutcome(
@@ -118,12 +124,23 @@ class TrackLog:
             audio_seconds=facts.audio_seconds,
             quality=quality,
             published=published,
+            skip_reason=skip_reason,
         )
 
-    def skipped(self, manifest: str) -> TrackOutcome:
+    def skipped(self, manifest: str, reason: str = ALREADY_PUBLISHED) -> TrackOutcome:
         return self.outcome(
-            "skipped", published=PublishedTrack(manifest_uri=manifest, track_uri=manifest.rsplit("/", 1)[0], stems=[])
+            "skipped",
+            published=PublishedTrack(manifest_uri=manifest, track_uri=manifest.rsplit("/", 1)[0], stems=[]),
+            skip_reason=reason,
         )
+
+    def claimed_elsewhere(self, holder: Holder, run_id: str) -> TrackOutcome:
+        """Another track holds this job: separating it again would only duplicate the same stems."""
+        if holder.run_id == run_id:
+            reason = f"same content as {holder.source} in this run: separated once, there"
+        else:
+            reason = f"being separated by {holder.describe()}; claimed until {holder.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+        return self.outcome("skipped", skip_reason=reason)
 
     def failed(self, exc: BaseException) -> TrackOutcome:
         step: Stage = exc.step if isinstance(exc, StemworksError) else (self.current or "unknown")
@@ -145,14 +162,20 @@ class Separated:
     log: TrackLog
     work: TrackWork
     stems: SeparatedStems
+    claim: Claim | None = None
 
 
 @dataclass(frozen=True)
 class TrackPipeline:
-    """The phases of one track within a run. `catalog` answers "was this job published elsewhere?"."""
+    """The phases of one track within a run. `catalog` answers "was this job published elsewhere?";
+    `claims` makes sure no two tracks (of this run or any other) separate the same job at once."""
 
     context: RunContext
     catalog: Catalog
+    claims: ClaimKeeper = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "claims", ClaimKeeper(self.context.output.out, self.context.run_id))
 
     def existing_manifest(self, folder: str, key: str, *, ask_catalog: bool = True) -> str | None:
         """A complete manifest for this job: at its own folder, or wherever the catalog saw it published."""
@@ -225,10 +248,25 @@ class TrackPipeline:
             if existing is not None:  # published while this track waited its turn, or known to the catalog
                 shutil.rmtree(work.work_dir, ignore_errors=True)
                 return log.skipped(existing)
+            claim = self.claims.acquire(work.job_key, work.source)
+        except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
+            shutil.rmtree(work.work_dir, ignore_errors=True)
+            return log.failed(exc)
+        if isinstance(claim, Holder):
+            shutil.rmtree(work.work_dir, ignore_errors=True)
+            return log.claimed_elsewhere(claim, self.context.run_id)
+        try:
+            # Published by the claim's previous holder between our first look and our claim?
+            existing = self.existing_manifest(work.folder, work.job_key, ask_catalog=False)
+            if existing is not None:
+                self.claims.release(claim)
+                shutil.rmtree(work.work_dir, ignore_errors=True)
+                return log.skipped(existing)
             with log.step("separate"):
                 stems = steps.separate(work, self.context.separation)
-            return Separated(log, work, stems)
+            return Separated(log, work, stems, claim)
         except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
+            self.claims.release(claim)
             shutil.rmtree(work.work_dir, ignore_errors=True)
             return log.failed(exc)
 
@@ -243,9 +281,12 @@ class TrackPipeline:
             with log.step("publish"):
                 published = steps.publish(work, separated.stems, quality, self.context)
             return log.outcome("succeeded", quality=quality, published=published)
+        except AlreadyPublishedError as exc:  # our claim lapsed and another run finished first: keep theirs
+            return log.skipped(exc.manifest_uri, f"published meanwhile by another run ({exc.reason})")
         except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
             return log.failed(exc)
         finally:
+            self.claims.release(separated.claim)
             shutil.rmtree(work.work_dir, ignore_errors=True)
 
     def process(self, source: str) -> TrackOutcome:
@@ -254,15 +295,27 @@ class TrackPipeline:
 
     def record(self, outcome: TrackOutcome) -> TrackOutcome:
         """Record an outcome under the current flow run, with the stems of a skip nobody recorded."""
-        outcome = self._with_unrecorded_stems(outcome.model_copy(update={"flow_run_id": flow_run_id()}))
+        here = {"flow_run_id": flow_run_id(), "hostname": socket.gethostname(), "worker": worker_label()}
+        outcome = self._with_unrecorded_stems(outcome.model_copy(update=here))
         self.catalog.record_track(self.context.run_id, outcome)
         reporter().track_finished(outcome.source, outcome.status)
         return outcome
 
     def _with_unrecorded_stems(self, outcome: TrackOutcome) -> TrackOutcome:
-        """A skip of stems published by a run that died before recording them records them now, or nothing will."""
+        """A skip of stems published by a run that died before recording them records them now, or nothing will.
+
+        A run still running records its own stems (it may be between publishing and recording): left to it,
+        unless its process is known to be gone.
+        """
         published = outcome.published
         if outcome.status != "skipped" or published is None or self.catalog.stems_recorded(published.manifest_uri):
             return outcome
-        stems = read_manifest(published.manifest_uri).published(published.manifest_uri).stems
+        manifest = read_manifest(published.manifest_uri)
+        publisher = self.catalog.running_run(manifest.run_id)
+        if publisher is not None and (
+            publisher.pid is None
+            or alive_since(publisher.hostname, publisher.pid, publisher.started_at.timestamp()) is not False
+        ):
+            return outcome
+        stems = manifest.published(published.manifest_uri).stems
         return outcome.model_copy(update={"published": published.model_copy(update={"stems": stems})})

@@ -59,6 +59,12 @@ class SeparationError(StemworksError):
     step = "separate"
 
 
+class ClaimError(StemworksError):
+    """A job claim could not be read or written (taken right before separating)."""
+
+    step = "separate"
+
+
 class PublishError(StemworksError):
     step = "publish"
     default_retryable = True

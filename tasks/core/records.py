@@ -132,6 +132,26 @@ class RunRecord(Record):
     pid: int | None = Field(default=None, description="Process id of the run on `hostname`.")
 
 
+class RunningRun(Record):
+    """A run the catalog holds as running, with what is needed to tell whether its process is alive."""
+
+    run_id: str
+    hostname: str
+    pid: int | None
+    started_at: AwareDatetime
+
+
+class Removal(Record):
+    """A published output removed by retention (`stemworks clean`)."""
+
+    manifest_uri: str
+    job_key: str | None
+    content_sha256: str | None
+    reason: str
+    removed_at: AwareDatetime
+    hostname: str
+
+
 class RunSummary(Record):
     run_id: str
     finished_at: AwareDatetime

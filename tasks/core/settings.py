@@ -196,3 +196,37 @@ def job_key(
     if precision != "fp32":
         shaping["precision"] = precision
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+class Retention(BaseModel):
+    """Which published outputs `stemworks clean` removes. Both off by default: nothing published goes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    superseded: bool = Field(
+        False,
+        title="Remove superseded outputs",
+        description="Remove a track's outputs once the same audio was published again with another model or "
+        "settings; the newest stays.",
+    )
+    older_than_days: float | None = Field(
+        None,
+        gt=0,
+        title="Remove outputs older than (days)",
+        description="Remove outputs published more than this many days ago.",
+    )
+
+
+class Housekeeping(BaseModel):
+    """How `stemworks clean` judges leftovers whose process cannot be checked from this host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stale_after_hours: float = Field(
+        24.0,
+        gt=0,
+        title="Stale after (hours)",
+        description="Leftovers of runs on other hosts (or without a process record) are removed once this old; "
+        "those of dead processes on this host are removed at once.",
+    )
+    dry_run: bool = Field(False, title="Dry run", description="List what would be removed; change nothing.")

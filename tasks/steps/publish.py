@@ -22,14 +22,44 @@ from tasks.core.settings import OutputSettings, SeparationSettings
 from tasks.core.version import code_version
 from tasks.io.faults import describe, is_transient
 from tasks.io.locations import join, redact
-from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, ManifestModel, ManifestStem, manifest_uri
+from tasks.io.manifest import (
+    MANIFEST_NAME,
+    STAGING_DIR,
+    Manifest,
+    ManifestModel,
+    ManifestStem,
+    complete_manifest,
+    manifest_uri,
+)
 from tasks.io.npyfile import NpyAudio
+from tasks.io.processes import ProcessStamp
 from tasks.io.storage import filesystem, is_local
 from tasks.steps.encode import encode, extension
 
 NAME_LIMIT = 80
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _UNSAFE = re.compile(r"[^\w .()&+,'!\-\u2013\u2014]+")  # also keeps en and em dashes
+
+
+class AlreadyPublishedError(PublishError):
+    """The track's folder already holds a complete result for this job: it is kept, never replaced."""
+
+    def __init__(self, reason: str, *, manifest_uri: str, source: str | None = None) -> None:
+        super().__init__(reason, source=source, retryable=False)
+        self.manifest_uri = manifest_uri
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_already_published, (self.reason, self.manifest_uri, self.source))
+
+
+def _already_published(reason: str, manifest_uri: str, source: str | None) -> AlreadyPublishedError:
+    return AlreadyPublishedError(reason, manifest_uri=manifest_uri, source=source)
+
+
+def staging_name() -> str:
+    """`<pid>@<host>.<random>`: `stemworks clean` can tell a dead publisher's leftovers from a live one's."""
+    me = ProcessStamp.current()
+    return f"{me.pid}@{me.hostname}.{uuid.uuid4().hex}"
 
 
 def safe_name(text: str) -> str:
@@ -120,6 +150,17 @@ def build_manifest(
 
 
 def publish(*, out: str, folder: str, manifest: Manifest, files: dict[str, Path]) -> PublishedTrack:
+    """Publish `files` and their manifest as `folder` under `out`; a complete result already there is kept.
+
+    Claims keep two runs from working on one job; should a claim have lapsed (a stalled host), the first
+    complete result stays and the catalog rows of the other run never describe bytes that were replaced.
+    """
+    target = manifest_uri(out, folder)
+    existing = complete_manifest(target, manifest.job_key)
+    if existing is not None:
+        raise AlreadyPublishedError(
+            f"run {existing.run_id} published it first", manifest_uri=target, source=manifest.source
+        )
     fs, root = filesystem(out)
     try:
         if is_local(fs):
@@ -136,7 +177,7 @@ def publish(*, out: str, folder: str, manifest: Manifest, files: dict[str, Path]
 
 
 def _publish_local(root: Path, folder: str, manifest: Manifest, files: dict[str, Path]) -> None:
-    staging = root / STAGING_DIR / uuid.uuid4().hex
+    staging = root / STAGING_DIR / staging_name()
     staging.mkdir(parents=True)
     try:
         for path in files.values():
@@ -144,7 +185,7 @@ def _publish_local(root: Path, folder: str, manifest: Manifest, files: dict[str,
         (staging / MANIFEST_NAME).write_bytes(manifest.to_bytes())
         final = root / folder
         if final.exists():  # an incomplete earlier attempt: set it aside, then swap in the new folder
-            stale = root / STAGING_DIR / f"{uuid.uuid4().hex}-stale"
+            stale = root / STAGING_DIR / f"{staging_name()}-stale"
             final.rename(stale)
             staging.rename(final)
             shutil.rmtree(stale, ignore_errors=True)
