@@ -1,16 +1,9 @@
-"""DuckDB catalog of runs, tracks and stems. Importing it does nothing but define names."""
+"""The catalog of runs, tracks and stems: a DuckDB file, or a DuckLake every host shares
+(`catalog.backend.open_catalog`). Importing it does nothing but define names."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 from catalog.errors import CatalogError, CatalogValidationError
 from catalog.store import Catalog
 
-__all__ = ["Catalog", "CatalogError", "CatalogValidationError", "default_catalog_path"]
-
-
-def default_catalog_path() -> Path:
-    """$STEMWORKS_CATALOG if set, else ./stemworks.duckdb (relative to the working directory)."""
-    return Path(os.environ.get("STEMWORKS_CATALOG") or "stemworks.duckdb")
+__all__ = ["Catalog", "CatalogError", "CatalogValidationError"]

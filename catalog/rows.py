@@ -75,6 +75,8 @@ def run_frame(run: RunRecord, rebuilt_from: str | None = None) -> pd.DataFrame:
         "audio_seconds": None,
         "rebuilt_from": rebuilt_from,
         "pid": run.pid,
+        "parent_run_id": run.parent_run_id,
+        "shard": run.shard,
     }
     return _frame("runs", [row])
 

@@ -24,7 +24,7 @@ from tasks.core.vocabulary import STEPS as STEPS  # re-exported: the `<step>_s` 
 # Bump when the layout of a table or a view changes, and add the statements that upgrade the previous
 # version to MIGRATIONS (an empty tuple when only views changed: views are recreated after every upgrade).
 # A file is only ever opened read-write to upgrade it, so a current file costs readers no write lock.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # version -> statements that upgrade a catalog from version - 1 to version.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -47,6 +47,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # v5: table `evaluations` (scores of separated stems against reference stems, `stemworks evaluate`);
     # views evaluation_configs and evaluation_pairs. The statement is generated from EvaluationsModel below.
     5: (),  # filled in below, once EvaluationsModel exists: CREATE TABLE "evaluations" (generated)
+    # v6: a fanned-out run's shard runs say which run they work for, and which shard they are.
+    6: (
+        'ALTER TABLE "runs" ADD COLUMN "parent_run_id" VARCHAR',
+        'ALTER TABLE "runs" ADD COLUMN "shard" BIGINT',
+    ),
 }
 
 
@@ -117,6 +122,11 @@ class RunsModel(_Table):
     pid: Series[pd.Int64Dtype] = pa.Field(
         nullable=True, ge=0, description="Process id of the run on `hostname`; null for rebuilt runs."
     )
+    # Appended by migration v6.
+    parent_run_id: Series[str] = pa.Field(
+        nullable=True, description="For a shard run: the run_id of the fanned-out run it works for."
+    )
+    shard: Series[pd.Int64Dtype] = pa.Field(nullable=True, ge=0, description="For a shard run: its shard index.")
 
     class Config:
         metadata = {"primary_key": ("run_id",)}

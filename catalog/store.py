@@ -53,7 +53,7 @@ from catalog.errors import CatalogBusyError, CatalogError
 from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_statements
 from catalog.views import VIEWS, create_view_statements
 from tasks.core.evaluation import EvaluationContext, ItemEvaluation
-from tasks.core.records import Removal, RunningRun, RunRecord, RunSummary, TrackOutcome
+from tasks.core.records import RecordedTrack, Removal, RunningRun, RunRecord, RunSummary, TrackOutcome
 
 # DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
 _LOCK_CONFLICT = "Could not set lock on file"
@@ -225,6 +225,33 @@ class Catalog:
     def running_run(self, run_id: str) -> RunningRun | None:
         """`run_id` if it is recorded here as still running (with its host and pid), else None."""
         return next((run for run in self.running_runs() if run.run_id == run_id), None)
+
+    def runs_of_flow_run(self, flow_run_id: str, *, running_only: bool = False) -> list[str]:
+        """run_ids recorded by the Prefect flow run `flow_run_id` (a shard run records one)."""
+        sql = "SELECT run_id FROM runs WHERE flow_run_id = ?" + (" AND status = 'running'" if running_only else "")
+        with self.reading() as con:
+            return [row[0] for row in con.execute(sql, [flow_run_id]).fetchall()]
+
+    def tracks_of_flow_runs(self, flow_run_ids: list[str]) -> list[RecordedTrack]:
+        """Every track recorded by runs of these Prefect flow runs (a fanned-out run's shards), with its stems."""
+        if not flow_run_ids:
+            return []
+        sql = """
+            SELECT t.run_id, r.flow_run_id, t.source, t.status, t.error, t.error_step, t.manifest_uri,
+                   t.audio_seconds, t.skip_reason, t.hostname, t.worker, t.shard, t.finished_at,
+                   coalesce(s.stems, []) AS stems
+            FROM tracks t
+            JOIN runs r ON r.run_id = t.run_id
+            LEFT JOIN (SELECT track_id, list(stem ORDER BY stem) AS stems FROM stems GROUP BY track_id) s
+                   ON s.track_id = t.track_id
+            WHERE r.flow_run_id IN (SELECT unnest(?::VARCHAR[]))
+            ORDER BY t.finished_at, t.track_id
+        """
+        with self.reading() as con:
+            result = con.execute(sql, [flow_run_ids])
+            columns = [d[0] for d in result.description or []]
+            found = result.fetchall()
+        return [RecordedTrack.model_validate(dict(zip(columns, row, strict=True))) for row in found]
 
     def query(self, sql: str) -> tuple[list[str], list[tuple]]:
         """Run one read-only SQL statement; returns (column names, rows)."""

@@ -5,7 +5,8 @@
 
 1. work pools `cpu` and `gpu` (process type) unless they exist;
 2. the global concurrency limit that GPU separations hold (one slot per GPU), created or resized;
-3. `prefect deploy --all` from the repository root, with the variables prefect.yaml reads filled in.
+3. `prefect deploy --all` from the repository root, with the variables prefect.yaml reads filled in;
+4. prints what each worker host needs (`--no-guide` leaves it out): the variables, and the worker command.
 
 Talks to the server in PREFECT_API_URL (with PREFECT_API_AUTH_STRING when the server wants auth).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ class SetupPlan:
     deploy: bool
     names: tuple[str, ...]
     catalog_data_path: str = ""  # a DuckLake catalog's data files; "" for a DuckDB file
+    guide: bool = True  # print what each worker host needs
 
     def deploy_env(self) -> dict[str, str]:
         """The variables prefect.yaml's `{{ $NAME }}` placeholders are resolved from."""
@@ -87,13 +90,39 @@ def deploy(plan: SetupPlan) -> None:
     subprocess.run(command, cwd=plan.code_dir, env={**os.environ, **plan.deploy_env()}, check=True)
 
 
-def run(plan: SetupPlan) -> None:
+def host_guide(plan: SetupPlan, api_url: str | None = None) -> str:
+    """What every worker host runs: the same checkout, these variables, one worker per pool (fan-out shards
+    of a library run go to whichever worker of the pool polls; a worker also running the parent needs
+    --limit 2 or more). No secret is printed: the auth string and credentials are named, not shown."""
+    lines = [
+        "On each worker host (same checkout at the same path, project installed):",
+        f"  cd {plan.code_dir}",
+        f"  export PREFECT_API_URL={api_url or '<the server URL>/api'}",
+        "  export PREFECT_API_AUTH_STRING=<the server's auth string>",
+        "  export STEMWORKS_WORKER=<a name for this worker, recorded per track>",
+        "  export STEMWORKS_WORK_DIR=<local scratch folder>",
+        "  export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... [AWS_ENDPOINT_URL=...]   # for s3:// stems",
+        "  export PGPASSWORD=...   # or ~/.pgpass, when the catalog is a DuckLake in PostgreSQL",
+        "  prefect worker start --pool cpu --limit 2     # GPU hosts: --pool gpu --limit <GPUs>",
+        f"Every host reaches the same stems ({plan.out}), catalog ({_shown(plan.catalog)})",
+        f"and DuckLake data path ({plan.catalog_data_path or 'none set'}): the deployments' defaults.",
+    ]
+    return "\n".join(lines)
+
+
+def _shown(catalog: str) -> str:
+    return re.sub(r"password=\S+", "password=***", catalog)
+
+
+def run(plan: SetupPlan, *, guide: bool = True) -> None:
     for pool, state in ensure_work_pools().items():
         print(f"work pool {pool}: {state}")
     ensure_gpu_slots(plan.gpu_slot_limit, plan.gpu_slots)
     print(f"global concurrency limit {plan.gpu_slot_limit}: {plan.gpu_slots} slot(s)")
     if plan.deploy:
         deploy(plan)
+    if guide:
+        print(host_guide(plan, os.environ.get("PREFECT_API_URL")))
 
 
 def parse(argv: list[str] | None = None) -> SetupPlan:
@@ -129,6 +158,7 @@ def parse(argv: list[str] | None = None) -> SetupPlan:
         help="what the nightly run scans (default CODE_DIR/library)",
     )
     parser.add_argument("--no-deploy", action="store_true", help="only pools and limits")
+    parser.add_argument("--no-guide", action="store_true", help="do not print what each worker host needs")
     parser.add_argument("--name", action="append", default=[], help="deploy only this deployment (repeatable)")
     args = parser.parse_args(argv)
     if args.gpu_slots < 1:
@@ -144,11 +174,13 @@ def parse(argv: list[str] | None = None) -> SetupPlan:
         catalog_data_path=args.catalog_data_path,
         deploy=not args.no_deploy,
         names=tuple(args.name),
+        guide=not args.no_guide,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse(argv))
+    plan = parse(argv)
+    run(plan, guide=plan.guide)
 
 
 if __name__ == "__main__":

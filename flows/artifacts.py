@@ -27,11 +27,17 @@ class RunProgress:
         )
 
     def track_done(self) -> None:
-        self.done += 1
+        self.tracks_done(1)
+
+    def tracks_done(self, count: int) -> None:
+        if count <= 0:
+            return
+        self.done += count
         update_progress_artifact(self.artifact_id, progress=round(100.0 * self.done / max(1, self.total), 2))
 
 
 def track_rows(summary: LibrarySummary) -> list[dict[str, str]]:
+    fanned_out = any(t.shard is not None for t in summary.tracks)
     return [
         {
             "source": t.source,
@@ -39,6 +45,8 @@ def track_rows(summary: LibrarySummary) -> list[dict[str, str]]:
             "stems": ", ".join(t.stems) if t.stems else ("already published" if t.status == "skipped" else ""),
             "manifest": t.manifest_uri or "",
             "error": t.error or "",
+            # a fanned-out run also says which shard and which worker handled each track
+            **({"shard": "" if t.shard is None else str(t.shard), "worker": t.worker or ""} if fanned_out else {}),
         }
         for t in summary.tracks
     ]

@@ -243,6 +243,7 @@ def evaluate(
     catalog: str | None = None,
     work_root: str | None = None,
     report: str | None = None,
+    catalog_data_path: str | None = None,
 ) -> EvaluationSummary | State[Any]:
     """Separate the mixtures of reference sets, score every stem against its true stem, and compare.
 
@@ -260,6 +261,8 @@ def evaluate(
             $STEMWORKS_CATALOG or ./stemworks.duckdb on the worker.
         work_root: Scratch folder for decoded audio; unset uses $STEMWORKS_WORK_DIR or the system temp folder.
         report: Folder (or s3:// prefix) for report.md and report.png; unset uses <output>/_evaluations/<run id>.
+        catalog_data_path: Folder or s3:// prefix for a DuckLake catalog's data files (needed to create
+            one); unset uses $STEMWORKS_CATALOG_DATA_PATH. Not used by a DuckDB file catalog.
     """
     logger = get_run_logger()
     found = discover(datasets)
@@ -270,59 +273,69 @@ def evaluate(
             f"accepted layouts: {accepted_layouts()}"
         )
     items = found.items
-    started = start_run("evaluate", [i.mixture for i in items], separation, output, limits, catalog, work_root)
-    pipeline, record = started.pipeline, started.record
-    run: RunContext = pipeline.context
-    _, model, device = load_model(separation)
-    precision = precision_for(separation, device)
-    stems = output_names(model.sources, separation.two_stems)
-    config = config_label(separation, output, model.signature, precision)
-    context = EvaluationContext(
-        run_id=run.run_id,
-        model_name=separation.model,
-        model_signature=model.signature,
-        config=config,
-        parameters={**record.parameters, "precision": precision, "device": device, "sample_rate": model.sample_rate},
-        evaluator_version=EVALUATOR_VERSION,
-        evaluated_at=now(),
+    started = start_run(
+        "evaluate", [i.mixture for i in items], separation, output, limits, catalog, work_root, catalog_data_path
     )
-    logger.info("evaluation run %s: %d items, configuration %s", run.run_id, len(items), config)
-    reporter().planned(len(items))
-    progress = RunProgress(len(items))
-    evaluator = Evaluator(pipeline, context, progress)
+    try:
+        pipeline, record = started.pipeline, started.record
+        run: RunContext = pipeline.context
+        _, model, device = load_model(separation)
+        precision = precision_for(separation, device)
+        stems = output_names(model.sources, separation.two_stems)
+        config = config_label(separation, output, model.signature, precision)
+        context = EvaluationContext(
+            run_id=run.run_id,
+            model_name=separation.model,
+            model_signature=model.signature,
+            config=config,
+            parameters={
+                **record.parameters,
+                "precision": precision,
+                "device": device,
+                "sample_rate": model.sample_rate,
+            },
+            evaluator_version=EVALUATOR_VERSION,
+            evaluated_at=now(),
+        )
+        logger.info("evaluation run %s: %d items, configuration %s", run.run_id, len(items), config)
+        reporter().planned(len(items))
+        progress = RunProgress(len(items))
+        evaluator = Evaluator(pipeline, context, progress)
 
-    results: dict[str, ItemEvaluation] = {}
-    outcomes: list[TrackOutcome] = []
-    ready: list[DatasetItem] = []
-    for item in items:
-        failure = _references_ok(item, stems, limits)
-        if failure is None:
-            ready.append(item)
-            continue
-        logger.warning("%s: %s", item.name, failure.error)
-        results[item.mixture] = failure
-        outcomes.append(_record_reference_failure(pipeline, failure))
-        progress.track_done()
-    by_label = {redact(i.mixture): i for i in ready}
+        results: dict[str, ItemEvaluation] = {}
+        outcomes: list[TrackOutcome] = []
+        ready: list[DatasetItem] = []
+        for item in items:
+            failure = _references_ok(item, stems, limits)
+            if failure is None:
+                ready.append(item)
+                continue
+            logger.warning("%s: %s", item.name, failure.error)
+            results[item.mixture] = failure
+            outcomes.append(_record_reference_failure(pipeline, failure))
+            progress.track_done()
+        by_label = {redact(i.mixture): i for i in ready}
 
-    def conclude(separated: Separated | TrackOutcome) -> tuple[TrackOutcome, ItemEvaluation]:
-        label = separated.source if isinstance(separated, TrackOutcome) else separated.log.label
-        return evaluator.conclude(by_label[label], separated)
+        def conclude(separated: Separated | TrackOutcome) -> tuple[TrackOutcome, ItemEvaluation]:
+            label = separated.source if isinstance(separated, TrackOutcome) else separated.log.label
+            return evaluator.conclude(by_label[label], separated)
 
-    scored = overlapped(
-        [i.mixture for i in ready],
-        prepare=partial(pipeline.prepare, ask_catalog=False),
-        work=pipeline.separate,
-        finish=conclude,
-    )
-    for item, (outcome, result) in zip(ready, scored, strict=True):
-        results[item.mixture] = result
-        outcomes.append(outcome)
-    ordered = [results[i.mixture] for i in items]
-    finished = run_summary(run.run_id, outcomes)
-    if any(r.status == "failed" for r in ordered):
-        finished = finished.model_copy(update={"status": "failed"})
-    pipeline.catalog.finish_run(finished)
+        scored = overlapped(
+            [i.mixture for i in ready],
+            prepare=partial(pipeline.prepare, ask_catalog=False),
+            work=pipeline.separate,
+            finish=conclude,
+        )
+        for item, (outcome, result) in zip(ready, scored, strict=True):
+            results[item.mixture] = result
+            outcomes.append(outcome)
+        ordered = [results[i.mixture] for i in items]
+        finished = run_summary(run.run_id, outcomes)
+        if any(r.status == "failed" for r in ordered):
+            finished = finished.model_copy(update={"status": "failed"})
+        pipeline.catalog.finish_run(finished)
+    finally:
+        started.close()
     summary = EvaluationSummary(
         run_id=run.run_id,
         flow_run_id=record.flow_run_id,

@@ -10,13 +10,14 @@ from prefect.states import Failed, State
 from pydantic import Field
 
 from flows.artifacts import RunProgress, publish_table
+from flows.pipeline.fanout import ShardDispatcher, plan_fan_out, shared_parameters
 from flows.pipeline.overlap import overlapped
 from flows.pipeline.runs import LibrarySummary, TrackResult, TracksFailed, run_summary, start_run
 from flows.pipeline.track import Separated, TrackPipeline, now
 from tasks.core.progress import reporter
 from tasks.core.records import TrackOutcome
-from tasks.core.settings import Limits, OutputSettings, SeparationSettings
-from tasks.io.locations import normalise, redact
+from tasks.core.settings import FanOut, Limits, OutputSettings, SeparationSettings, ShardAssignment
+from tasks.io.locations import has_secret, normalise, redact
 from tasks.io.sources import expand_sources
 
 # The Prefect state a run with failed tracks ends in (type FAILED; event `prefect.flow-run.TracksFailed`).
@@ -63,6 +64,8 @@ def separate_library(
     catalog: str | None = None,
     work_root: str | None = None,
     catalog_data_path: str | None = None,
+    fanout: FanOut = FanOut(),
+    shard: ShardAssignment | None = None,
 ) -> LibrarySummary | State[Any]:
     """Separate every track found in `sources` (files, folders, globs, URLs) and record the run.
 
@@ -71,7 +74,8 @@ def separate_library(
 
     Args:
         sources: Files, folders (scanned recursively), globs or URLs (http(s), s3://, yt-dlp pages) to
-            separate. Tracks already published with the same model and settings are skipped.
+            separate; '@PATH' reads sources from a file, one per line (keeps URL credentials out of the run's
+            parameters). Tracks already published with the same model and settings are skipped.
         separation: Model, device and Demucs settings.
         output: Where (local folder or s3://bucket/prefix) and in which format stems are written.
         limits: What a source must satisfy to be separated; others fail alone, with the reason.
@@ -82,11 +86,21 @@ def separate_library(
             system temp folder.
         catalog_data_path: Folder or s3:// prefix for a DuckLake catalog's data files (needed to create
             one); unset uses $STEMWORKS_CATALOG_DATA_PATH. Not used by a DuckDB file catalog.
+        fanout: How a run started from a deployment splits a large library into shards, each a flow run that
+            any worker of the pool may take; smaller libraries and CLI runs are separated in one process.
+        shard: Set by a fanned-out run on the shard runs it starts; leave unset.
     """
     logger = get_run_logger()
-    started = start_run("separate-library", sources, separation, output, limits, catalog, work_root, catalog_data_path)
+    started = start_run(
+        "separate-library", sources, separation, output, limits, catalog, work_root, catalog_data_path, shard=shard
+    )
     pipeline, record = started.pipeline, started.record
     context, store = pipeline.context, pipeline.catalog
+    if any(has_secret(source) for source in sources):
+        logger.warning(
+            "sources carry credentials, which Prefect stores with this run's parameters; pass them in a "
+            "source list file instead (a source '@PATH', one source per line), as `stemworks separate` does"
+        )
     try:
         expanded = expand_sources(sources, limits.max_playlist_entries)
         logger.info("run %s: %d tracks from %d sources", context.run_id, len(expanded.tracks), len(sources))
@@ -95,15 +109,22 @@ def separate_library(
         progress = RunProgress(total)
         conclude = partial(_conclude, pipeline, progress)
         outcomes = [conclude(_unexpandable(source, reason)) for source, reason in expanded.problems]
-        # Three tracks in flight: the next is fetched and decoded (leaving the catalog alone), this one
-        # separates, the previous one is scored, published and recorded.
-        outcomes += overlapped(
-            expanded.tracks,
-            prepare=partial(pipeline.prepare, ask_catalog=False),
-            work=pipeline.separate,
-            finish=conclude,
-        )
-        store.finish_run(run_summary(context.run_id, outcomes))
+        results = [TrackResult.of(o) for o in outcomes]
+        plan = plan_fan_out(expanded.tracks, fanout, shard)
+        if plan is not None:  # shard runs on the pool's workers separate the tracks (flows/pipeline/fanout.py)
+            shared = shared_parameters(separation, output, limits, fanout, catalog, work_root, catalog_data_path)
+            results += ShardDispatcher(started, plan, fanout, shared, progress.tracks_done).run()
+        else:
+            # Three tracks in flight: the next is fetched and decoded (leaving the catalog alone), this one
+            # separates, the previous one is scored, published and recorded.
+            tracks = overlapped(
+                expanded.tracks,
+                prepare=partial(pipeline.prepare, ask_catalog=False),
+                work=pipeline.separate,
+                finish=conclude,
+            )
+            results += [TrackResult.of(o) for o in tracks]
+        store.finish_run(run_summary(context.run_id, results))
     finally:
         started.close()
     summary = LibrarySummary(
@@ -111,7 +132,7 @@ def separate_library(
         flow_run_id=record.flow_run_id,
         catalog=started.catalog_path,
         out=redact(normalise(output.out)),
-        tracks=[TrackResult.of(o) for o in outcomes],
+        tracks=results,
     )
     publish_table(summary)
     logger.info(

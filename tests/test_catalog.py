@@ -8,7 +8,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from catalog import Catalog, CatalogError, CatalogValidationError, default_catalog_path
+from catalog import Catalog, CatalogError, CatalogValidationError
+from catalog.backend import catalog_location
 from catalog.schema import SCHEMA_VERSION, STEPS, TABLES, column_types, create_table_statements
 from tasks.core.records import RunSummary, TrackOutcome
 from tests.helpers.records import (
@@ -216,6 +217,8 @@ def test_started_run_is_running_with_null_outcome(started: Catalog) -> None:
         "audio_seconds": None,
         "rebuilt_from": None,
         "pid": None,
+        "parent_run_id": None,
+        "shard": None,
     }
 
 
@@ -419,11 +422,12 @@ def test_no_connection_is_held_between_calls(path: Path, started: Catalog) -> No
     assert read_plain(path, "SELECT count(*) FROM tracks") == [(1,)]
 
 
-def test_default_catalog_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_default_catalog_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("STEMWORKS_CATALOG", raising=False)
-    assert default_catalog_path() == Path("stemworks.duckdb")
+    assert catalog_location() == "stemworks.duckdb"
     monkeypatch.setenv("STEMWORKS_CATALOG", str(tmp_path / "c.duckdb"))
-    assert default_catalog_path() == tmp_path / "c.duckdb"
+    assert catalog_location() == str(tmp_path / "c.duckdb")
+    assert catalog_location("explicit.duckdb") == "explicit.duckdb"
 
 
 # -- the DDL comes from the pandera models ------------------------------------------------------------

@@ -176,6 +176,7 @@ def test_concurrent_writers_record_every_row_exactly_once(concurrent: dict) -> N
         "runs": WRITERS,
         "tracks": total,
         "stems": total * STEMS_EACH,
+        "removals": 0,
         "evaluations": 0,
     }
     assert catalog.query("SELECT status, tracks_total, tracks_succeeded, count(*) FROM runs GROUP BY ALL")[1] == [
@@ -246,6 +247,7 @@ def test_rebuild_from_manifests_after_deleting_the_catalog(concurrent: dict) -> 
         "runs": WRITERS,
         "tracks": len(manifests),
         "stems": len(stem_files(concurrent["out"])),
+        "removals": 0,
         "evaluations": 0,
     }
     assert catalog.query(lineage)[1] == before

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError as SettingsError
@@ -74,7 +73,15 @@ def add_parser(
     add_settings_options(parser, SeparationSettings, skip=skip, metavars=metavars)
     add_settings_options(parser, Limits, renamed=renamed, metavars=metavars)
     parser.add_argument(
-        "--catalog", metavar="PATH", help="DuckDB catalog file (default $STEMWORKS_CATALOG or ./stemworks.duckdb)"
+        "--catalog",
+        metavar="PATH|DUCKLAKE",
+        help="DuckDB catalog file, or a shared DuckLake 'ducklake:postgres:...' "
+        "(default $STEMWORKS_CATALOG or ./stemworks.duckdb)",
+    )
+    parser.add_argument(
+        "--catalog-data-path",
+        metavar="DIR|S3_URL",
+        help="where a DuckLake catalog keeps its data files (default $STEMWORKS_CATALOG_DATA_PATH)",
     )
     parser.add_argument(
         "--work-dir",
@@ -104,7 +111,7 @@ def run(
         limits = settings_from(args, Limits, renamed=renamed)
     except SettingsError as exc:
         return term.usage_error(f"invalid settings: {settings_message(exc, renamed)}")
-    from catalog import default_catalog_path
+    from catalog.backend import catalog_location
     from flows.cli import preflight
     from flows.pipeline.workarea import default_work_root
     from tasks.steps.evaluate.datasets import accepted_layouts, discover
@@ -123,8 +130,9 @@ def run(
             args.datasets,
             separation,
             out=output.out,
-            catalog=Path(args.catalog or default_catalog_path()),
+            catalog=catalog_location(args.catalog),
             work_dir=args.work_dir or default_work_root(),
+            catalog_data_path=args.catalog_data_path,
             announce=term.status,
         )
     except preflight.UsageError as exc:
@@ -157,6 +165,7 @@ def _evaluate(
                 output=output,
                 limits=limits,
                 catalog=args.catalog,
+                catalog_data_path=args.catalog_data_path,
                 work_root=args.work_dir,
                 report=args.report,
                 return_state=True,
@@ -191,7 +200,9 @@ def print_summary(summary: EvaluationSummary, console: Console) -> None:
     if summary.report:
         console.print(f"report:  {summary.report}", highlight=False)
     console.print(f"stems:   {summary.out}", highlight=False)
-    console.print(f"catalog: {Path(summary.catalog).resolve()}", highlight=False)
+    from catalog.backend import describe
+
+    console.print(f"catalog: {describe(summary.catalog)}", highlight=False)
     for item in summary.items:
         if item.status == "failed":
             console.print(

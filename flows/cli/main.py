@@ -24,6 +24,7 @@ from rich.table import Table
 from flows.cli import clean as clean_cli
 from flows.cli import evaluate as evaluate_cli
 from flows.cli.options import Renamed, add_settings_options, settings_from, settings_message
+from flows.cli.secret_sources import secrets_out_of_band
 from flows.pipeline.workarea import prefect_scratch_prefix
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 
@@ -267,9 +268,13 @@ def _separate_with_progress(
 
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=term.err, transient=True) as progress, reporting_to(RichReporter(progress)):
+        with (
+            secrets_out_of_band(args.sources) as sources,
+            Progress(*columns, console=term.err, transient=True) as progress,
+            reporting_to(RichReporter(progress)),
+        ):
             state = separate_library(
-                args.sources,
+                sources,
                 separation=separation,
                 output=output,
                 limits=limits,

@@ -14,16 +14,23 @@ from pydantic import Field
 from catalog.backend import catalog_location, open_catalog, shown_location
 from flows.pipeline.track import TrackPipeline, flow_run_id, now
 from flows.pipeline.workarea import close_run_area, default_work_root, open_run_area
-from tasks.core.records import Record, RunContext, RunRecord, RunSummary, TrackOutcome
-from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+from tasks.core.records import Record, RecordedTrack, RunContext, RunRecord, RunSummary, TrackOutcome
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings, ShardAssignment
 from tasks.core.version import code_version
 from tasks.core.vocabulary import FinishedRunStatus, Stage, TrackStatus
 from tasks.engine.models import load_model
 from tasks.io.locations import normalise, redact
+from tasks.io.sources import shown_sources
 
 
 def run_record(
-    context: RunContext, *, flow_name: str, sources: list[str], model_signature: str | None, device: str | None
+    context: RunContext,
+    *,
+    flow_name: str,
+    sources: list[str],
+    model_signature: str | None,
+    device: str | None,
+    shard: ShardAssignment | None = None,
 ) -> RunRecord:
     output = context.output
     return RunRecord(
@@ -36,7 +43,7 @@ def run_record(
             "output": output.model_dump() | {"out": redact(output.out)},
             "limits": context.limits.model_dump(),
         },
-        sources=[redact(s) for s in sources],
+        sources=shown_sources(sources),
         out=redact(normalise(output.out)),
         model_name=context.separation.model,
         model_signature=model_signature,
@@ -44,6 +51,8 @@ def run_record(
         code_version=code_version(),
         hostname=socket.gethostname(),
         pid=os.getpid(),
+        parent_run_id=shard.parent_run_id if shard else None,
+        shard=shard.index if shard else None,
     )
 
 
@@ -72,6 +81,7 @@ def start_run(
     catalog: str | None,
     work_root: str | None,
     catalog_data_path: str | None = None,
+    shard: ShardAssignment | None = None,
 ) -> StartedRun:
     """Load the model (a bad model or device fails the run before any file is written), open the
     catalog (`$STEMWORKS_CATALOG` or ./stemworks.duckdb when unset; a 'ducklake:...' location with its data
@@ -86,13 +96,16 @@ def start_run(
         limits=limits,
         work_root=work_root or default_work_root(),
     )
-    record = run_record(context, flow_name=flow_name, sources=sources, model_signature=model.signature, device=device)
+    record = run_record(
+        context, flow_name=flow_name, sources=sources, model_signature=model.signature, device=device, shard=shard
+    )
     store.start_run(record)
     open_run_area(context.work_root, context.run_id)
-    return StartedRun(record, TrackPipeline(context, store), shown_location(catalog_path))
+    pipeline = TrackPipeline(context, store, shard=shard.index if shard else None)
+    return StartedRun(record, pipeline, shown_location(catalog_path))
 
 
-def run_status(outcomes: Sequence[TrackOutcome]) -> FinishedRunStatus:
+def run_status(outcomes: Sequence[TrackOutcome | TrackResult]) -> FinishedRunStatus:
     """A run is `completed` when every track succeeded or was skipped, `failed` as soon as one track failed.
 
     The same rule gives the CLI's exit status (1) and the Prefect state of the flow run (a FAILED-type
@@ -101,7 +114,7 @@ def run_status(outcomes: Sequence[TrackOutcome]) -> FinishedRunStatus:
     return "failed" if any(outcome.status == "failed" for outcome in outcomes) else "completed"
 
 
-def run_summary(run_id: str, outcomes: Sequence[TrackOutcome]) -> RunSummary:
+def run_summary(run_id: str, outcomes: Sequence[TrackOutcome | TrackResult]) -> RunSummary:
     def count(wanted: TrackStatus) -> int:
         return sum(1 for outcome in outcomes if outcome.status == wanted)
 
@@ -127,6 +140,9 @@ class TrackResult(Record):
     manifest_uri: str | None = None
     audio_seconds: float | None = None
     stems: list[str] = Field(default_factory=list)
+    # Set in a fanned-out run: the shard and the worker (STEMWORKS_WORKER, else the host) that handled the track.
+    shard: int | None = None
+    worker: str | None = None
 
     @classmethod
     def of(cls, outcome: TrackOutcome) -> TrackResult:
@@ -139,6 +155,23 @@ class TrackResult(Record):
             audio_seconds=outcome.audio_seconds,
             manifest_uri=published.manifest_uri if published else None,
             stems=[s.stem for s in published.stems] if published else [],
+            shard=outcome.shard,
+            worker=(outcome.worker or outcome.hostname) if outcome.shard is not None else None,
+        )
+
+    @classmethod
+    def recorded(cls, row: RecordedTrack) -> TrackResult:
+        """A track as a shard run recorded it in the catalog."""
+        return cls(
+            source=row.source,
+            status=row.status,
+            error=row.error,
+            error_step=row.error_step,
+            audio_seconds=row.audio_seconds,
+            manifest_uri=row.manifest_uri,
+            stems=row.stems,
+            shard=row.shard,
+            worker=row.worker or row.hostname,
         )
 
 

@@ -172,6 +172,7 @@ class TrackPipeline:
 
     context: RunContext
     catalog: Catalog
+    shard: int | None = None  # the shard of a fanned-out run this pipeline works through, recorded per track
     claims: ClaimKeeper = field(init=False)
 
     def __post_init__(self) -> None:
@@ -295,7 +296,12 @@ class TrackPipeline:
 
     def record(self, outcome: TrackOutcome) -> TrackOutcome:
         """Record an outcome under the current flow run, with the stems of a skip nobody recorded."""
-        here = {"flow_run_id": flow_run_id(), "hostname": socket.gethostname(), "worker": worker_label()}
+        here = {
+            "flow_run_id": flow_run_id(),
+            "hostname": socket.gethostname(),
+            "worker": worker_label(),
+            "shard": self.shard,
+        }
         outcome = self._with_unrecorded_stems(outcome.model_copy(update=here))
         self.catalog.record_track(self.context.run_id, outcome)
         reporter().track_finished(outcome.source, outcome.status)

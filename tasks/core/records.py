@@ -130,6 +130,27 @@ class RunRecord(Record):
     code_version: str
     hostname: str
     pid: int | None = Field(default=None, description="Process id of the run on `hostname`.")
+    parent_run_id: str | None = Field(default=None, description="The fanned-out run this shard run works for.")
+    shard: int | None = Field(default=None, description="Shard index within the parent run.")
+
+
+class RecordedTrack(Record):
+    """A track row as a fanned-out parent reads it back from the catalog, with the names of its recorded stems."""
+
+    run_id: str
+    flow_run_id: str | None = None
+    source: str
+    status: TrackStatus
+    error: str | None = None
+    error_step: Stage | None = None
+    manifest_uri: str | None = None
+    audio_seconds: float | None = None
+    skip_reason: str | None = None
+    hostname: str | None = None
+    worker: str | None = None
+    shard: int | None = None
+    finished_at: AwareDatetime
+    stems: list[str] = Field(default_factory=list)
 
 
 class RunningRun(Record):

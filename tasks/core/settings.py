@@ -230,3 +230,64 @@ class Housekeeping(BaseModel):
         "those of dead processes on this host are removed at once.",
     )
     dry_run: bool = Field(False, title="Dry run", description="List what would be removed; change nothing.")
+
+
+class FanOut(BaseModel):
+    """How a library run started from a deployment spreads its tracks over the work pool's workers.
+
+    The tracks are split into shards (by count, balanced by file size); each shard is a flow run of a
+    deployment in the same work pool, taken by whichever worker polls. Runs with at most one shard of
+    tracks, and runs not started from a deployment (the CLI, plain Python), separate in their own process.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True, title="Fan out", description="Split a large library over the work pool's workers (deployment runs only)."
+    )
+    shard_tracks: int = Field(
+        16,
+        ge=1,
+        le=100_000,
+        title="Target shard size (tracks)",
+        description="Tracks per shard; a library of at most this many tracks is separated in one process.",
+    )
+    shards_at_once: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        title="Shards at once",
+        description="Shard flow runs dispatched and not yet finished at any time; the rest wait their turn.",
+    )
+    deployment: str | None = Field(
+        None,
+        title="Shard deployment",
+        description="'flow/deployment' (or id) the shards run as, in the pool whose workers should take them; "
+        "unset: the deployment this run itself runs from.",
+    )
+    stall_s: float = Field(
+        600.0,
+        ge=10,
+        title="Shard stalled after (s)",
+        description="A shard run with no flow-run heartbeat (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, default 180 s) for "
+        "this long is marked crashed; its unrecorded tracks are dispatched again.",
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=20,
+        title="Attempts per shard",
+        description="How often a shard whose run crashed or was lost is dispatched; its tracks then fail.",
+    )
+
+
+class ShardAssignment(BaseModel):
+    """Set by a fanned-out parent run on the shard runs it dispatches; leave unset when starting a run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    parent_run_id: str = Field(min_length=1, title="Parent run", description="Catalog run id of the parent run.")
+    index: int = Field(ge=0, title="Shard", description="Index of this shard in the parent's plan.")
+    attempt: int = Field(
+        1, ge=1, title="Attempt", description="1, then 2, ... when a crashed shard is dispatched again."
+    )

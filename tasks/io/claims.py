@@ -47,6 +47,21 @@ DEFAULT_LEASE_S = 600.0
 _FOLDER_LOCK_TIMEOUT_S = 30.0
 
 
+# Tokens of the claims this process holds right now. A claim on the store that names this very process but
+# is not in here was left by a run of this process that could not release it (e.g. the store was down as it
+# ended): it is stale at once instead of blocking this process's next run until its lease lapses. This is a
+# fact about the process (as a pid is), so it lives at module level, behind a lock.
+_HELD_HERE: set[str] = set()
+_HELD_HERE_LOCK = threading.Lock()
+
+
+def _mine_but_abandoned(holder: Holder) -> bool:
+    me = ProcessStamp.current()
+    same = (holder.process.hostname, holder.process.pid, holder.process.started) == (me.hostname, me.pid, me.started)
+    with _HELD_HERE_LOCK:
+        return same and holder.token not in _HELD_HERE
+
+
 def lease_seconds() -> float:
     value = os.environ.get("STEMWORKS_CLAIM_LEASE_S")
     try:
@@ -74,7 +89,7 @@ class Holder(Record):
         return self.process.alive() is False
 
     def stale(self) -> bool:
-        return self.expired() or self.dead()
+        return self.expired() or self.dead() or _mine_but_abandoned(self)
 
     def describe(self) -> str:
         return f"run {self.run_id} ({self.process.describe()}) for {self.source}"
@@ -112,9 +127,19 @@ def try_claim(out: str, job_key: str, *, run_id: str, source: str, lease_s: floa
         claimed_at=now,
         expires_at=now + timedelta(seconds=lease_s or lease_seconds()),
     )
-    with _store_errors(out, "claiming"):
-        fs, root = filesystem(out)
-        return _backend(fs).acquire(fs, claim_path(root, job_key), holder, out)
+    with _HELD_HERE_LOCK:  # before the write: a claim on the store is never taken for abandoned by its own process
+        _HELD_HERE.add(holder.token)
+    got: Claim | Holder | None = None
+    try:
+        with _store_errors(out, "claiming"):
+            fs, root = filesystem(out)
+            got = _backend(fs).acquire(fs, claim_path(root, job_key), holder, out)
+    finally:
+        if not isinstance(got, Claim):
+            with _HELD_HERE_LOCK:
+                _HELD_HERE.discard(holder.token)
+    assert got is not None  # the store call either answered or raised
+    return got
 
 
 def renew(claim: Claim, lease_s: float | None = None) -> bool:
@@ -126,7 +151,10 @@ def renew(claim: Claim, lease_s: float | None = None) -> bool:
 
 
 def release(claim: Claim) -> None:
-    """Give the claim up (if it is still ours). Best effort: a claim left behind lapses with its lease."""
+    """Give the claim up (if it is still ours). Best effort: a claim left behind lapses with its lease (at once
+    for this process's next runs, and as soon as this process is gone for the others on its host)."""
+    with _HELD_HERE_LOCK:
+        _HELD_HERE.discard(claim.holder.token)
     with contextlib.suppress(ClaimError), _store_errors(claim.out, "releasing"):
         fs, root = filesystem(claim.out)
         _backend(fs).release(fs, claim_path(root, claim.job_key), claim)

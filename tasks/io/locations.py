@@ -27,7 +27,12 @@ AUDIO_EXTENSIONS = frozenset(
     }
 )
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_SECRET_QUERY = re.compile(r"(?i)(signature|token|key|secret|credential)")
+# Query parameter names that carry credentials: presigned S3/GCS/Azure URLs (X-Amz-Signature, sig, se/sp with
+# sig), API tokens and keys, passwords. A query holding any of them is dropped whole when shown or stored.
+_SECRET_QUERY = re.compile(
+    r"(?i)(^|[&;])[^=&;]*(sig|signature|token|key|secret|credential|pass|pwd|auth|session|policy|x-amz-|x-goog-)"
+    r"[^=&;]*="
+)
 
 
 def has_scheme(location: str) -> bool:
@@ -63,6 +68,14 @@ def redact(location: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "" if _SECRET_QUERY.search(parts.query) else parts.query
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def has_secret(location: str) -> bool:
+    """Whether `location` carries credentials (user:password@ or a secret query) that `redact` would drop."""
+    if not has_scheme(location):
+        return False
+    parts = urlsplit(location)
+    return "@" in parts.netloc or bool(_SECRET_QUERY.search(parts.query))
 
 
 def _has_surrogates(text: str) -> bool:

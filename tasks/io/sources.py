@@ -22,15 +22,50 @@ class ExpandedSources:
     problems: list[tuple[str, str]] = field(default_factory=list)
 
 
+# `@PATH` names a file listing sources, one per line: how sources that carry credentials (signed URLs,
+# user:password@) reach a run without becoming flow parameters, which Prefect stores and shows.
+LIST_PREFIX = "@"
+
+
+def read_source_list(entry: str) -> list[str]:
+    """The sources listed in the file `entry` names (`@PATH`); blank lines and `#` comments are skipped."""
+    path = normalise(entry.removeprefix(LIST_PREFIX))
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        lines = [line.strip() for line in handle]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def with_lists(sources: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """`sources` with every `@PATH` replaced by the sources it lists; unreadable lists as problems."""
+    flat: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for source in sources:
+        if not source.startswith(LIST_PREFIX):
+            flat.append(source)
+            continue
+        try:
+            flat.extend(read_source_list(source))
+        except OSError as exc:
+            problems.append((redact(source), f"cannot read source list: {exc.strerror or exc}"))
+    return flat, problems
+
+
+def shown_sources(sources: list[str]) -> list[str]:
+    """What a run records as its sources: lists expanded (their entries redacted), credentials dropped."""
+    flat, problems = with_lists(sources)
+    return [redact(s) for s in flat] + [source for source, _ in problems]
+
+
 def expand_sources(sources: list[str], max_playlist_entries: int = 50) -> ExpandedSources:
     """Files stay as given; folders are scanned recursively for audio; globs are expanded;
-    playlist URLs become their entries (at most `max_playlist_entries` each).
+    playlist URLs become their entries (at most `max_playlist_entries` each); `@PATH` lists are read.
 
     Every source and every track found is held to the source policy (`source_problem`) before anything
     is contacted; special files (FIFOs, devices, sockets) and folders that cannot be read are reported,
     never silently skipped or opened.
     """
-    expanded = ExpandedSources()
+    sources, unreadable = with_lists(sources)
+    expanded = ExpandedSources(problems=unreadable)
     seen: set[str] = set()
     for source in sources:
         problem = source_problem(source)

@@ -124,7 +124,9 @@ class PrefectServer:
             return response.json()
 
 
-def start_server(home: Path, auth: str, timeout: float = 240) -> PrefectServer:
+def start_server(home: Path, auth: str, timeout: float = 240, **extra: str) -> PrefectServer:
+    """`prefect server start` on a free loopback port; `extra` environment variables, e.g.
+    PREFECT_SERVER_DATABASE_CONNECTION_URL for PostgreSQL instead of SQLite in `home`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     home.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,7 @@ def start_server(home: Path, auth: str, timeout: float = 240) -> PrefectServer:
         PREFECT_SERVER_API_AUTH_STRING=auth,
         PREFECT_UI_API_URL=url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **extra,
     )
     log = home / "server.log"
     process = start(
@@ -153,7 +156,8 @@ def start_server(home: Path, auth: str, timeout: float = 240) -> PrefectServer:
     return server
 
 
-def start_worker(server: PrefectServer, pool: str, log: Path, **env: str) -> subprocess.Popen:
+def start_worker(server: PrefectServer, pool: str, log: Path, *options: str, **env: str) -> subprocess.Popen:
     # Polls every 2 s (default 10) so tests do not idle; --limit 2 lets the UI and API runs overlap.
     worker_env = server.client_env(PREFECT_WORKER_QUERY_SECONDS="2", **env)
-    return start([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "2"], worker_env, log)
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--limit", "2", *options]
+    return start(command, worker_env, log)

@@ -245,6 +245,7 @@ class MediaServer:
         self.routes: dict[str, Route] = {}
         self.sent: dict[str, int] = {}
         self.hits: dict[str, int] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []  # (path, headers) of every request, in order
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -260,6 +261,7 @@ class MediaServer:
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 server.hits[path] = server.hits.get(path, 0) + 1
+                server.requests.append((path, dict(self.headers.items())))
                 route = server.routes.get(path)
                 if route is None:
                     self.send_error(404, "Not Found")

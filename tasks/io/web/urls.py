@@ -7,13 +7,14 @@ during it (bytes counted while streaming: a lying or missing Content-Length cann
 
 from __future__ import annotations
 
+import base64
 import http.client
 import re
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from tasks.core.errors import FetchError, InvalidAudioError
 from tasks.core.records import FetchedSource
@@ -188,10 +189,26 @@ def _opener(proxy: EgressProxy) -> urllib.request.OpenerDirector:
     return opener
 
 
+def without_userinfo(url: str) -> tuple[str, dict[str, str]]:
+    """`url` without `user:password@`, and the Basic `Authorization` header that carries them instead.
+
+    urllib would otherwise send the userinfo upstream as part of the `Host` header (and to the proxy).
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+    bare = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return bare, {"Authorization": f"Basic {token}"}
+
+
 def _download(
     media_url: str, headers: dict[str, str], target: Path, limits: Limits, proxy: EgressProxy, label: str
 ) -> tuple[str, int]:
-    request = urllib.request.Request(media_url, headers={"User-Agent": "stemworks", **headers})
+    media_url, auth = without_userinfo(media_url)
+    request = urllib.request.Request(media_url, headers={"User-Agent": "stemworks", **auth, **headers})
     with _opener(proxy).open(request, timeout=TIMEOUT_SECONDS) as response:
         content_type = response.headers.get("Content-Type", "").split(";", 1)[0].strip()
         if _NOT_MEDIA_TYPES.match(content_type):

@@ -12,9 +12,10 @@ that are to be compared with published ones must be the same numbers:
    estimate: the least-squares FIR filters, 512 taps from every reference channel to every estimate channel,
    that best map (a) all references and (b) its own reference alone onto it. museval solves the normal
    equations (Gram matrix of the delayed references plus eps*I, eps = 2.2e-16 absolute) with a dense
-   `np.linalg.solve`; that matrix is block Toeplitz, so a block Levinson recursion solves the same system
-   here in O(p^3 L^2) instead of O(p^3 L^3) (p = sources x channels, L = 512), checked by its residual;
-   where the recursion lost its accuracy a dense LU, museval's method, solves it instead.
+   `np.linalg.solve`, once per estimate; that matrix is block Toeplitz and the same for every estimate, so a
+   block Levinson recursion (reflection form) solves all estimates' systems, and the own-source ones, in one
+   batched pass, O(p^3 L^2) instead of O(p^3 L^3) per estimate (p = sources x channels, L = 512), checked
+   by its residual. The correlations are summed from blocked FFTs, the projections by FFT convolution.
 4. Windows as museval's `Framing`: floor((n - window + hop) / hop) windows of `window` samples, `hop` apart;
    a trailing partial window is dropped; a track shorter than one window is a single window.
 5. In each window the references *cut to that window* (zero outside it) go through the global filters; the
@@ -31,9 +32,11 @@ that are to be compared with published ones must be the same numbers:
 
 ISR, SIR and SAR depend on that linear solve, and the Gram matrix of band-limited references (lossy-coded
 stems have next to nothing above ~16 kHz) can be singular to working precision. The filters' components in
-those directions are then rounding noise, in museval as here, and so are ISR, SIR and SAR: museval's own
-numbers move by up to tens of dB when its `np.linalg.solve` is swapped for a Cholesky solve of the same
-system. `FrameMetrics.stable` is False for such tracks. SDR never depends on the solve.
+those directions are then rounding noise in museval, and so are its ISR, SIR and SAR: its numbers move by up
+to tens of dB when its `np.linalg.solve` is swapped for a Cholesky solve of the same system. Such a track is
+recognised by the spread of its references' cross-power spectra (`spectral_range`, above CONDITION_LIMIT);
+its filters are solved with a small ridge (Tikhonov) instead, a well-defined answer at the same cost, and
+`FrameMetrics.stable` is False: only SDR, which never depends on the solve, is then museval's.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ WINDOW = 44100  # samples: 1 s at 44.1 kHz, museval.evaluate's default and SiSEC
 HOP = 44100
 FILTERS_LEN = 512  # taps of the distortion filters (museval's `filters_len`)
 EPS = float(np.finfo(np.float64).eps)  # museval's ridge on the normal equations: absolute, not relative
-LEVINSON_RESIDUAL = 1e-9  # relative residual above which the recursion is taken to have failed
+LEVINSON_RESIDUAL = 1e-9  # relative residual of the filters' solve above which they are not `stable`
+FALLBACK_RESIDUAL = 1e-6  # relative residual above which the recursion broke down: a dense LU solves instead
+CONDITION_LIMIT = 1e10  # `spectral_range` spread of the references' Gram matrix above which it is not `stable`
 TRACKSTORE_DECIMALS = 5  # museval.TrackStore._q quantises every value to 0.00001
 CORRELATION_FFT = 16384  # FFT size of the blocks that accumulate the track's correlations
 PROJECTION_FFT = 8192  # FFT size of the blocks that convolve each window with the filters
@@ -71,9 +76,9 @@ class SilentSourceError(ValueError):
 class FrameMetrics:
     """Per-window metrics in dB, each (sources, windows) float64: museval's `bss_eval` outputs.
 
-    `stable` is False where the references' Gram matrix is singular to working precision (the fast solver
-    failed its residual check and a dense LU, museval's method, answered instead). ISR, SIR and SAR are then
-    dominated by rounding noise - museval's too: they change by dB between LAPACK builds - while SDR is exact."""
+    `stable` is False where the references' Gram matrix is singular to working precision (see
+    `distortion_filters`): museval's ISR, SIR and SAR are then rounding noise - they change by dB between
+    LAPACK builds - and ours come from ridge-regularised filters; SDR is exact either way."""
 
     sdr: Tensor
     isr: Tensor
@@ -128,12 +133,9 @@ def bss_eval_v4(
     width, count = min(window, length), frame_count(length, window, hop)
     size = min(_block_fft(PROJECTION_FFT, filters_len), _fft_size(width + filters_len - 1))
     # the filters' frequency responses, (bins, ref rows, 2 x est rows): all references' filters, then the own
-    # source's as a block-diagonal matrix, so that one product per bin makes both projections
-    rows = sources * channels
-    own_rows = own.new_zeros(filters_len, sources, channels, sources, channels)
-    own_rows.diagonal(dim1=1, dim2=3).copy_(own.permute(1, 2, 3, 0))
-    filters = torch.cat([every, own_rows.reshape(filters_len, rows, rows)], dim=2)
-    response = torch.fft.rfft(filters, n=size, dim=0)
+    # source's (block diagonal), so that one product per bin makes both projections
+    filters = torch.cat([every, own], dim=2)
+    response = torch.fft.rfft(filters, n=size, dim=0).contiguous()
     layout = _Layout(width=width, hop=hop, taps=filters_len, size=size, sources=sources)
     parts = [
         _window_metrics(ref_rows, est_rows, response, layout, range(start, min(start + WINDOWS_PER_BATCH, count)))
@@ -175,47 +177,65 @@ def frame_count(length: int, window: int, hop: int) -> int:
 def distortion_filters(
     ref_rows: Tensor, est_rows: Tensor, channels: int, filters_len: int
 ) -> tuple[Tensor, Tensor, bool]:
-    """Least-squares FIR filters onto each estimate row: (taps, reference rows, estimate rows) from all the
-    references (museval's C), (sources, taps, c, c) from the estimate's own source only (museval's Cj); and
-    whether block Levinson solved both (False: a dense LU, museval's method, did; see `FrameMetrics.stable`).
-    Rows are source-major: source * channels + channel."""
+    """Least-squares FIR filters onto each estimate row, both (taps, reference rows, estimate rows): from all
+    the references (museval's C), and from the estimate's own source only (museval's Cj, block diagonal: zero
+    from another source's rows); and whether they are museval's (`FrameMetrics.stable`): the references' Gram
+    matrix well conditioned and both systems solved to the residual a dense solve reaches.
+
+    Both systems go through one batched block Levinson recursion: the own-source system is the full one with
+    every block masked to its same-source c x c blocks (museval's per-source solves, all at once). Where the
+    Gram matrix is singular to working precision (`spectral_range` spread above CONDITION_LIMIT), or the
+    recursion breaks down, both are solved with a ridge of (largest eigenvalue) / CONDITION_LIMIT added to the
+    diagonal instead: museval's filters are rounding noise in the null directions there (its ISR, SIR and SAR
+    move by tens of dB between LAPACK builds), and the ridge gives a well-defined answer at the recursion's
+    cost, not a dense solve's. Rows are source-major: source * channels + channel."""
     rows = ref_rows.shape[0]
     correlations = lagged_products(ref_rows, torch.cat([ref_rows, est_rows]), filters_len)
-    blocks, rhs = correlations[..., :rows], correlations[..., rows:]
-    blocks = blocks.clone()
+    blocks, rhs = correlations[..., :rows].clone(), correlations[..., rows:]
     blocks[0] += EPS * torch.eye(rows, dtype=blocks.dtype, device=blocks.device)
-    every, every_ok = _solve(blocks, rhs)
-    own_blocks, own_rhs = _own_source(blocks, channels), _own_source(rhs, channels)
-    own, own_ok = _solve(own_blocks, own_rhs)  # museval's per-source solves, batched over the sources
-    return every, own, every_ok and own_ok
+    source = torch.arange(rows, device=blocks.device) // channels
+    same_source = (source[:, None] == source[None, :]).to(blocks.dtype)
+    systems, targets = torch.stack([blocks, blocks * same_source]), torch.stack([rhs, rhs * same_source])
+    smallest, largest = spectral_range(blocks)
+    conditioned = smallest * CONDITION_LIMIT >= largest
+    if conditioned:
+        solution = block_levinson(systems, targets)
+        residual = float(_residuals(systems, solution, targets).max())  # NaN where not finite
+        if residual <= LEVINSON_RESIDUAL:
+            return solution[0], solution[1], True
+        if residual <= FALLBACK_RESIDUAL:
+            return solution[0], solution[1], False
+    ridged = systems.clone()
+    ridged[:, 0] += (largest / CONDITION_LIMIT) * torch.eye(rows, dtype=blocks.dtype, device=blocks.device)
+    solution = block_levinson(ridged, targets)
+    failed = ~(_residuals(ridged, solution, targets) <= FALLBACK_RESIDUAL)
+    if bool(failed.any()):  # the recursion broke down even so: a dense LU, museval's method
+        solution[failed] = solve_dense(systems[failed], targets[failed])
+    return solution[0], solution[1], False
 
 
-def _own_source(blocks: Tensor, channels: int) -> Tensor:
-    """(sources, L, c, c): the diagonal (same-source) c x c blocks of (L, sources * c, sources * c)."""
-    lags, rows, _ = blocks.shape
-    sources = rows // channels
-    diagonal = blocks.reshape(lags, sources, channels, sources, channels).diagonal(dim1=1, dim2=3)
-    return diagonal.permute(3, 0, 1, 2)
+def spectral_range(blocks: Tensor) -> tuple[float, float]:
+    """The smallest and largest eigenvalues of T. Chan's optimal block-circulant approximation of the block
+    Toeplitz Gram matrix (block (m, n) = blocks[m - n]): the range of the references' cross-power spectra at
+    the filters' frequency resolution, a solver-independent estimate of how singular the normal equations are
+    (real clips: ~1e7 apart on lossless and well-behaved AAC stems, ~5e12 on a band-limited AAC one)."""
+    lags = blocks.shape[-3]
+    weights = torch.arange(lags, dtype=blocks.dtype, device=blocks.device)[:, None, None]
+    wrapped = torch.cat([torch.zeros_like(blocks[:1]), blocks[1:].flip(0).transpose(-1, -2)])  # blocks[k - L]
+    circulant = ((lags - weights) * blocks + weights * wrapped) / lags
+    eigenvalues = torch.linalg.eigvalsh(torch.fft.fft(circulant, dim=0))
+    return float(eigenvalues.min()), float(eigenvalues.max())
 
 
-def _solve(blocks: Tensor, rhs: Tensor) -> tuple[Tensor, bool]:
-    """Block Levinson, checked; a dense LU where the recursion lost its accuracy."""
-    solution = block_levinson(blocks, rhs)
-    if _solved(blocks, solution, rhs):
-        return solution, True
-    return solve_dense(blocks, rhs), False
+def _residuals(blocks: Tensor, solution: Tensor, rhs: Tensor) -> Tensor:
+    """|T x - rhs| / |rhs| per system of the batch (NaN where x is not finite).
 
-
-def _solved(blocks: Tensor, solution: Tensor, rhs: Tensor) -> bool:
-    """Whether the recursion's answer satisfies the normal equations about as well as a dense LU would.
-
-    Levinson is only weakly stable: where the Gram matrix is singular to working precision (band-limited
-    references) its vectors blow up, while LU's error stays near eps * |T| * |X|."""
+    A dense LU reaches ~1e-12 on these systems; Levinson is only weakly stable, and where the Gram matrix is
+    singular to working precision its residual grows well above that."""
     residual = toeplitz_matmul(blocks, solution) - rhs
-    scale = torch.linalg.vector_norm(rhs, dim=(-3, -2, -1))
-    return bool(torch.isfinite(solution).all()) and bool(
-        (torch.linalg.vector_norm(residual, dim=(-3, -2, -1)) <= LEVINSON_RESIDUAL * scale).all()
-    )
+    ratio = torch.linalg.vector_norm(residual, dim=(-3, -2, -1)) / torch.linalg.vector_norm(rhs, dim=(-3, -2, -1))
+    finite = torch.isfinite(solution).flatten(start_dim=-3).all(dim=-1)
+    return torch.where(finite, ratio, torch.nan)
 
 
 def toeplitz_matmul(blocks: Tensor, x: Tensor) -> Tensor:
@@ -239,39 +259,43 @@ def lagged_products(x: Tensor, y: Tensor, lags: int) -> Tensor:
     """(lags, rows of x, rows of y): sum over u of x[a, u] * y[b, u + m], m = 0..lags-1, signals zero outside.
 
     Accumulated block by block with FFTs of CORRELATION_FFT samples (x in blocks, y in blocks that run lags - 1
-    samples further), SAMPLES_PER_BATCH at a time, so that memory does not grow with the track. The
-    cross-spectra are summed over the blocks by one matrix product per frequency bin:
-    (bins, x rows, blocks) @ (bins, blocks, y rows)."""
+    samples further), SAMPLES_PER_BATCH at a time, so that memory does not grow with the track. Each x block
+    is transformed time-reversed, which makes the correlation a convolution (no conjugate: a conjugated or
+    strided operand makes torch's batched complex product copy each bin's matrices one by one, many times
+    slower), and the cross-spectra are summed over the blocks by one matrix product per frequency bin:
+    (bins, x rows, blocks) @ (bins, blocks, y rows). Lag m is then sample block - 1 + m of the convolution."""
     size = _block_fft(CORRELATION_FFT, lags)
     block = size - lags + 1
     count = -(-x.shape[-1] // block)
-    x_blocks = F.pad(x, (0, count * block - x.shape[-1])).reshape(x.shape[0], count, block)
+    x_blocks = F.pad(x, (0, count * block - x.shape[-1])).reshape(x.shape[0], count, block).flip(-1)
     y_blocks = F.pad(y, (0, count * block + lags - 1 - y.shape[-1])).unfold(-1, block + lags - 1, block)
     total = torch.zeros(size // 2 + 1, x.shape[0], y.shape[0], dtype=torch.complex128, device=x.device)
     per_batch = max(1, SAMPLES_PER_BATCH // size)
     for start in range(0, count, per_batch):
         stop = start + per_batch
-        x_spec = torch.fft.rfft(x_blocks[:, start:stop], n=size).permute(2, 0, 1).conj()
-        y_spec = torch.fft.rfft(y_blocks[:, start:stop], n=size).permute(2, 1, 0)
-        total += x_spec.resolve_conj() @ y_spec
-    return torch.fft.irfft(total, n=size, dim=0)[:lags]
+        x_spec = torch.fft.rfft(x_blocks[:, start:stop], n=size).permute(2, 0, 1).contiguous()
+        y_spec = torch.fft.rfft(y_blocks[:, start:stop], n=size).permute(2, 1, 0).contiguous()
+        total += x_spec @ y_spec
+    return torch.fft.irfft(total, n=size, dim=0)[block - 1 : block - 1 + lags]
 
 
 def block_levinson(blocks: Tensor, rhs: Tensor) -> Tensor:
     """Solve T X = rhs for the symmetric block Toeplitz T whose block (m, n) is blocks[m - n], where
     blocks[-k] = blocks[k]^T. blocks: (..., L, p, p), rhs: (..., L, p, q); returns X, (..., L, p, q).
 
-    The Levinson-Wiggins-Robinson recursion: forward vectors f (T_k f = [I 0 .. 0]^T) and backward vectors b
-    (T_k b = [0 .. 0 I]^T) grow one block per step, and the solution with them. b is kept aligned to the end of
-    its buffer so that the shift of each step costs nothing. Its L - 1 steps are a dozen products of small
-    matrices each, so the time goes to per-call overhead, which numpy's is a fraction of torch's: it runs in
-    numpy on the CPU whatever the device (the inputs are only L x p x (p + q) numbers). A coupling matrix that
-    is exactly singular gives NaN (the caller's residual check then sends the system to `solve_dense`)."""
+    The Levinson-Wiggins-Robinson recursion in its reflection form (Whittle's): monic forward predictors A
+    (T_k A = [Vf 0 .. 0]^T, first block I) and backward ones B (T_k B = [0 .. 0 Vb]^T, last block I) grow one
+    block per step by two p x p reflection updates each, and the solution with them. B is kept aligned to the
+    end of its buffer so that the shift of each step costs nothing. Its L - 1 steps are a dozen products of
+    small matrices each, so the time goes to per-call overhead, which numpy's is a fraction of torch's: it
+    runs in numpy on the CPU whatever the device (the inputs are only L x p x (p + q) numbers). A singular
+    prediction-error matrix gives NaN (the caller's residual check then sends the system to `solve_dense`)."""
     *batch, lags, p, q = rhs.shape
     t = blocks.detach().cpu().to(torch.float64).numpy()
     b_rhs = rhs.detach().cpu().to(torch.float64).numpy()
     try:
-        solution = _levinson(t, b_rhs, lags, p, q)
+        with np.errstate(all="ignore"):
+            solution = _levinson(t, b_rhs, lags, p, q)
     except np.linalg.LinAlgError:
         solution = np.full((*batch, lags * p, q), np.nan)
     return torch.from_numpy(solution.reshape(*batch, lags, p, q)).to(device=rhs.device, dtype=rhs.dtype)
@@ -284,26 +308,30 @@ def _levinson(blocks: np.ndarray, rhs: np.ndarray, lags: int, p: int, q: int) ->
     rows = np.ascontiguousarray(np.swapaxes(blocks[..., ::-1, :, :], -3, -2)).reshape(*batch, p, lags * p)
     cols = np.ascontiguousarray(np.swapaxes(np.swapaxes(blocks, -1, -2), -3, -2)).reshape(*batch, p, lags * p)
     end = lags * p
-    forward_x = np.zeros((*batch, end, p + q))  # [:, :p] forward vector, [:, p:] solution
-    backward = np.zeros((*batch, end, p))
-    pair = np.empty((*batch, end, 2 * p))  # [f; 0] | [0; b] of the step
-    inverse = np.linalg.inv(blocks[..., 0, :, :])
-    forward_x[..., :p, :p] = inverse
-    forward_x[..., :p, p:] = inverse @ rhs[..., 0, :, :]
-    backward[..., end - p :, :] = inverse
-    coupling = np.broadcast_to(np.eye(2 * p), (*batch, 2 * p, 2 * p)).copy()
+    forward_x = np.zeros((*batch, end, p + q))  # [:, :p] forward predictor A, [:, p:] solution X
+    backward = np.zeros((*batch, end, p))  # backward predictor B, aligned to the end
+    forward_x[..., :p, :p] = np.eye(p)
+    backward[..., end - p :, :] = np.eye(p)
+    forward_error = blocks[..., 0, :, :].copy()  # Vf
+    backward_inverse = np.linalg.inv(forward_error)  # Vb^-1 (Vb = Vf at the start)
+    forward_inverse = backward_inverse
+    forward_x[..., :p, p:] = backward_inverse @ rhs[..., 0, :, :]
+    backward_error = forward_error
     for k in range(1, lags):
         span, grown = k * p, (k + 1) * p
-        errors = rows[..., end - grown : end - p] @ forward_x[..., :span, :]  # sum R(k-i) [f_i | x_i]
-        coupling[..., :p, p:] = cols[..., p:grown] @ backward[..., end - span :, :]  # sum R(-(i+1)) b_i
-        coupling[..., p:, :p] = errors[..., :p]
-        mix = np.linalg.inv(coupling)  # [[alpha, gamma], [beta, delta]]: the new f and b from the old
-        pair[..., :grown, :p] = forward_x[..., :grown, :p]
-        pair[..., :grown, p:] = backward[..., end - grown :, :]
-        both = pair[..., :grown, :] @ mix
-        forward_x[..., :grown, :p] = both[..., :p]
-        backward[..., end - grown :, :] = both[..., p:]
-        forward_x[..., :grown, p:] += both[..., p:] @ (rhs[..., k, :, :] - errors[..., p:])
+        errors = rows[..., end - grown : end - p] @ forward_x[..., :span, :]  # row k of T_k+1 [A | X; 0]
+        back = cols[..., p:grown] @ backward[..., end - span :, :]  # row 0 of T_k+1 [0; B]
+        reflect_forward = backward_inverse @ errors[..., :p]
+        reflect_backward = forward_inverse @ back
+        a = forward_x[..., :grown, :p]
+        b = backward[..., end - grown :, :]
+        shifted = b @ reflect_forward
+        b -= a @ reflect_backward
+        a -= shifted
+        forward_error = forward_error - back @ reflect_forward
+        backward_error = backward_error - errors[..., :p] @ reflect_backward
+        forward_inverse, backward_inverse = np.linalg.inv(forward_error), np.linalg.inv(backward_error)
+        forward_x[..., :grown, p:] += b @ (backward_inverse @ (rhs[..., k, :, :] - errors[..., p:]))
     return forward_x[..., p:]
 
 
@@ -351,18 +379,21 @@ def _window_metrics(
     spectra = torch.fft.rfft(cut, n=size).permute(2, 1, 0).contiguous()  # (bins, windows x blocks, rows)
     pieces = torch.fft.irfft((spectra @ response).permute(2, 1, 0), n=size)
     pieces = pieces.reshape(2 * rows, len(windows), blocks, size)
+    span = width + taps - 1
     if blocks == 1:
-        projected = pieces[:, :, 0]
-    else:
-        projected = pieces.new_zeros(2 * rows, len(windows), blocks + 1, block)
-        projected[:, :, :blocks] += pieces[..., :block]
-        projected[:, :, 1:, : taps - 1] += pieces[..., block:]
-        projected = projected.reshape(2 * rows, len(windows), (blocks + 1) * block)
-    every = projected[:rows, :, : width + taps - 1]  # (rows, windows, span): on all references
-    own = projected[rows:, :, : width + taps - 1]  # on the estimate's own reference
+        projected = pieces[:, :, 0, :span]
+    else:  # each block's head in place, its tail added onto the next block's head (the last one's appended)
+        projected = pieces.new_empty(2 * rows, len(windows), blocks * block + taps - 1)
+        projected[..., : blocks * block] = pieces[..., :block].reshape(2 * rows, len(windows), blocks * block)
+        projected[..., blocks * block :] = pieces[:, :, -1, block:]
+        following = projected[..., block : blocks * block].unflatten(-1, (blocks - 1, block))
+        following[..., : taps - 1] += pieces[:, :, :-1, block:]
+        projected = projected[..., :span]
+    every = projected[:rows]  # (rows, windows, span): on all references
+    own = projected[rows:]  # on the estimate's own reference
 
     def energy(*parts: Tensor) -> Tensor:  # summed over channels and samples, per source and window
-        total = sum(part.square().sum(dim=-1) for part in parts)
+        total = sum(torch.linalg.vector_norm(part, dim=-1).square() for part in parts)
         assert isinstance(total, Tensor)
         return total.reshape(sources, -1, total.shape[-1]).sum(dim=1)
 
