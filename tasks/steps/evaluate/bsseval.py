@@ -1,4 +1,4 @@
-"""BSSEval v4 in torch: SDR, ISR, SIR and SAR as museval 0.4.1 computes them for SiSEC 2018 and MUSDB18.
+"""BSSEval v4 on the CPU: SDR, ISR, SIR and SAR as museval 0.4.1 computes them for SiSEC 2018 and MUSDB18.
 
 museval's defaults there: `museval.evaluate` -> `museval.metrics.bss_eval` with `window=hop=44100` (1 s),
 `compute_permutation=False`, `filters_len=512`, `framewise_filters=False`, `bsseval_sources_version=False`;
@@ -37,15 +37,26 @@ to tens of dB when its `np.linalg.solve` is swapped for a Cholesky solve of the 
 recognised by the spread of its references' cross-power spectra (`spectral_range`, above CONDITION_LIMIT);
 its filters are solved with a small ridge (Tikhonov) instead, a well-defined answer at the same cost, and
 `FrameMetrics.stable` is False: only SDR, which never depends on the solve, is then museval's.
+
+Tensors (any device) in and out; the work runs in numpy, float64, on the CPU, on a samples-first copy of the
+signals (`_samples_first`): numpy's FFTs along that first axis leave each frequency bin's spectra together
+for the per-bin products with the filters (torch's, along the last axis, need transposing copies that cost
+more than the FFTs), numpy's small calls cost less than torch's (the Levinson loop is thousands of them), and
+its FFTs and products release the GIL, so the correlations' blocks and the windows run on `_threads()`
+threads (`_parallel_map`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.lib.stride_tricks import as_strided
 from torch import Tensor
 
 WINDOW = 44100  # samples: 1 s at 44.1 kHz, museval.evaluate's default and SiSEC 2018's
@@ -59,9 +70,11 @@ TRACKSTORE_DECIMALS = 5  # museval.TrackStore._q quantises every value to 0.0000
 CORRELATION_FFT = 16384  # FFT size of the blocks that accumulate the track's correlations
 PROJECTION_FFT = 8192  # FFT size of the blocks that convolve each window with the filters
 SAMPLES_PER_BATCH = 1 << 20  # samples per row transformed at once in the correlations (bounds memory)
-WINDOWS_PER_BATCH = 8  # evaluation windows projected at once (bounds memory on long tracks)
+WINDOWS_PER_BATCH = 1  # evaluation windows projected at once, per thread (in cache, and one task each)
 
 Audio = Tensor | np.ndarray
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 class SilentSourceError(ValueError):
@@ -126,22 +139,19 @@ def bss_eval_v4(
     ests = _as_sources(estimates).to(refs.device)
     _validate(refs, ests, window, hop, filters_len)
     sources, length, channels = refs.shape
-    ref_rows = refs.permute(0, 2, 1).reshape(sources * channels, length)
-    est_rows = ests.permute(0, 2, 1).reshape(sources * channels, length)
-    _refuse_silent_sources(ref_rows, est_rows, sources)
-    every, own, stable = distortion_filters(ref_rows, est_rows, channels, filters_len)
+    signals = _samples_first(refs, ests)
+    _refuse_silent_sources(signals, sources)
+    every, own, stable = distortion_filters(signals, channels, filters_len)
     width, count = min(window, length), frame_count(length, window, hop)
     size = min(_block_fft(PROJECTION_FFT, filters_len), _fft_size(width + filters_len - 1))
     # the filters' frequency responses, (bins, ref rows, 2 x est rows): all references' filters, then the own
     # source's (block diagonal), so that one product per bin makes both projections
-    filters = torch.cat([every, own], dim=2)
-    response = torch.fft.rfft(filters, n=size, dim=0).contiguous()
+    filters = np.concatenate([every, own], axis=2)
+    response = np.fft.rfft(filters, n=size, axis=0)
     layout = _Layout(width=width, hop=hop, taps=filters_len, size=size, sources=sources)
-    parts = [
-        _window_metrics(ref_rows, est_rows, response, layout, range(start, min(start + WINDOWS_PER_BATCH, count)))
-        for start in range(0, count, WINDOWS_PER_BATCH)
-    ]
-    sdr, isr, sir, sar = (torch.cat([part[k] for part in parts], dim=1) for k in range(4))
+    batches = [range(start, min(start + WINDOWS_PER_BATCH, count)) for start in range(0, count, WINDOWS_PER_BATCH)]
+    parts = _parallel_map(lambda windows: _window_metrics(signals, response, layout, windows), batches)
+    sdr, isr, sir, sar = (torch.cat([part[k] for part in parts], dim=1).to(refs.device) for k in range(4))
     return FrameMetrics(sdr=sdr, isr=isr, sir=sir, sar=sar, stable=stable)
 
 
@@ -174,109 +184,156 @@ def frame_count(length: int, window: int, hop: int) -> int:
     return (length - window + hop) // hop if window < length else 1
 
 
-def distortion_filters(
-    ref_rows: Tensor, est_rows: Tensor, channels: int, filters_len: int
-) -> tuple[Tensor, Tensor, bool]:
-    """Least-squares FIR filters onto each estimate row, both (taps, reference rows, estimate rows): from all
+def distortion_filters(signals: np.ndarray, channels: int, filters_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Least-squares FIR filters onto each estimate row, both (taps, reference rows, estimate rows), from
+    `signals`, (samples, reference rows and then as many estimate rows), samples first: from all
     the references (museval's C), and from the estimate's own source only (museval's Cj, block diagonal: zero
     from another source's rows); and whether they are museval's (`FrameMetrics.stable`): the references' Gram
     matrix well conditioned and both systems solved to the residual a dense solve reaches.
 
-    Both systems go through one batched block Levinson recursion: the own-source system is the full one with
-    every block masked to its same-source c x c blocks (museval's per-source solves, all at once). Where the
+    Each goes through the block Levinson recursion: the full system (p = rows) once for all estimates, the
+    own-source ones (each source's c x c diagonal blocks: museval's per-source solves) as a batch of p = c
+    systems, which costs a fraction of the full one (the recursion's work grows with p^2 to p^3). Where the
     Gram matrix is singular to working precision (`spectral_range` spread above CONDITION_LIMIT), or the
     recursion breaks down, both are solved with a ridge of (largest eigenvalue) / CONDITION_LIMIT added to the
     diagonal instead: museval's filters are rounding noise in the null directions there (its ISR, SIR and SAR
     move by tens of dB between LAPACK builds), and the ridge gives a well-defined answer at the recursion's
     cost, not a dense solve's. Rows are source-major: source * channels + channel."""
-    rows = ref_rows.shape[0]
-    correlations = lagged_products(ref_rows, torch.cat([ref_rows, est_rows]), filters_len)
-    blocks, rhs = correlations[..., :rows].clone(), correlations[..., rows:]
-    blocks[0] += EPS * torch.eye(rows, dtype=blocks.dtype, device=blocks.device)
-    source = torch.arange(rows, device=blocks.device) // channels
-    same_source = (source[:, None] == source[None, :]).to(blocks.dtype)
-    systems, targets = torch.stack([blocks, blocks * same_source]), torch.stack([rhs, rhs * same_source])
+    rows = signals.shape[1] // 2
+    correlations = _lagged_products(signals[:, :rows], signals, filters_len)
+    blocks, rhs = correlations[..., :rows].copy(), correlations[..., rows:]
+    blocks[0] += EPS * np.eye(rows)
+    # (systems, L, p, p) and (systems, L, p, q): the full one, then one per source
+    systems = [(blocks[None], rhs[None]), (_source_blocks(blocks, channels), _source_blocks(rhs, channels))]
     smallest, largest = spectral_range(blocks)
-    conditioned = smallest * CONDITION_LIMIT >= largest
-    if conditioned:
-        solution = block_levinson(systems, targets)
-        residual = float(_residuals(systems, solution, targets).max())  # NaN where not finite
-        if residual <= LEVINSON_RESIDUAL:
-            return solution[0], solution[1], True
-        if residual <= FALLBACK_RESIDUAL:
-            return solution[0], solution[1], False
-    ridged = systems.clone()
-    ridged[:, 0] += (largest / CONDITION_LIMIT) * torch.eye(rows, dtype=blocks.dtype, device=blocks.device)
-    solution = block_levinson(ridged, targets)
-    failed = ~(_residuals(ridged, solution, targets) <= FALLBACK_RESIDUAL)
-    if bool(failed.any()):  # the recursion broke down even so: a dense LU, museval's method
-        solution[failed] = solve_dense(systems[failed], targets[failed])
-    return solution[0], solution[1], False
+    if smallest * CONDITION_LIMIT >= largest:
+        solutions = [_levinson(t, r) for t, r in systems]
+        residual = max(float(_residuals(t, x, r).max()) for (t, r), x in zip(systems, solutions, strict=True))
+        if residual <= FALLBACK_RESIDUAL:  # (False where NaN: a solution is not finite)
+            return solutions[0][0], _block_diagonal(solutions[1]), residual <= LEVINSON_RESIDUAL
+    solutions = [_ridged_solve(t, r, largest / CONDITION_LIMIT) for t, r in systems]
+    return solutions[0][0], _block_diagonal(solutions[1]), False
 
 
-def spectral_range(blocks: Tensor) -> tuple[float, float]:
+def _ridged_solve(blocks: np.ndarray, rhs: np.ndarray, ridge: float) -> np.ndarray:
+    """`_levinson` with `ridge` added to the diagonal; a dense LU of the system without it (museval's method)
+    where the recursion breaks down even so."""
+    ridged = blocks.copy()
+    ridged[..., 0, :, :] += ridge * np.eye(blocks.shape[-1])
+    solution = _levinson(ridged, rhs)
+    failed = ~(_residuals(ridged, solution, rhs) <= FALLBACK_RESIDUAL)
+    if failed.any():
+        solution[failed] = solve_dense(torch.from_numpy(blocks[failed]), torch.from_numpy(rhs[failed])).numpy()
+    return solution
+
+
+def _source_blocks(matrices: np.ndarray, channels: int) -> np.ndarray:
+    """(sources, ..., c, c): each source's c x c block on the diagonal of (..., rows, rows) matrices."""
+    sources = matrices.shape[-1] // channels
+    spans = [slice(s * channels, (s + 1) * channels) for s in range(sources)]
+    return np.stack([matrices[..., span, span] for span in spans])
+
+
+def _block_diagonal(blocks: np.ndarray) -> np.ndarray:
+    """(..., rows, rows) from (sources, ..., c, c): `_source_blocks`' inverse, zero off the diagonal blocks."""
+    sources, channels = blocks.shape[0], blocks.shape[-1]
+    matrices = np.zeros((*blocks.shape[1:-2], sources * channels, sources * channels))
+    for s in range(sources):
+        matrices[..., s * channels : (s + 1) * channels, s * channels : (s + 1) * channels] = blocks[s]
+    return matrices
+
+
+def spectral_range(blocks: np.ndarray) -> tuple[float, float]:
     """The smallest and largest eigenvalues of T. Chan's optimal block-circulant approximation of the block
     Toeplitz Gram matrix (block (m, n) = blocks[m - n]): the range of the references' cross-power spectra at
     the filters' frequency resolution, a solver-independent estimate of how singular the normal equations are
     (real clips: ~1e7 apart on lossless and well-behaved AAC stems, ~5e12 on a band-limited AAC one)."""
     lags = blocks.shape[-3]
-    weights = torch.arange(lags, dtype=blocks.dtype, device=blocks.device)[:, None, None]
-    wrapped = torch.cat([torch.zeros_like(blocks[:1]), blocks[1:].flip(0).transpose(-1, -2)])  # blocks[k - L]
+    weights = np.arange(lags)[:, None, None]
+    wrapped = np.concatenate([np.zeros_like(blocks[:1]), np.swapaxes(blocks[:0:-1], -1, -2)])  # blocks[k - L]
     circulant = ((lags - weights) * blocks + weights * wrapped) / lags
-    eigenvalues = torch.linalg.eigvalsh(torch.fft.fft(circulant, dim=0))
+    eigenvalues = np.linalg.eigvalsh(np.fft.fft(circulant, axis=0))
     return float(eigenvalues.min()), float(eigenvalues.max())
 
 
-def _residuals(blocks: Tensor, solution: Tensor, rhs: Tensor) -> Tensor:
+def _residuals(blocks: np.ndarray, solution: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """|T x - rhs| / |rhs| per system of the batch (NaN where x is not finite).
 
     A dense LU reaches ~1e-12 on these systems; Levinson is only weakly stable, and where the Gram matrix is
     singular to working precision its residual grows well above that."""
-    residual = toeplitz_matmul(blocks, solution) - rhs
-    ratio = torch.linalg.vector_norm(residual, dim=(-3, -2, -1)) / torch.linalg.vector_norm(rhs, dim=(-3, -2, -1))
-    finite = torch.isfinite(solution).flatten(start_dim=-3).all(dim=-1)
-    return torch.where(finite, ratio, torch.nan)
+    flat = lambda x: x.reshape(*x.shape[:-3], -1)  # noqa: E731
+    residual = flat(toeplitz_matmul(blocks, solution) - rhs)
+    ratio = np.linalg.norm(residual, axis=-1) / np.linalg.norm(flat(rhs), axis=-1)
+    return np.where(np.isfinite(flat(solution)).all(axis=-1), ratio, np.nan)
 
 
-def toeplitz_matmul(blocks: Tensor, x: Tensor) -> Tensor:
+def toeplitz_matmul(blocks: np.ndarray, x: np.ndarray) -> np.ndarray:
     """T @ x for the block Toeplitz T of `block_levinson` (block (m, n) = blocks[m - n]), by FFT over the lags."""
     lags = blocks.shape[-3]
     size = 1 << (2 * lags - 1).bit_length()
     # kernel[k] = blocks[k] for k >= 0 and blocks[-k]^T at k < 0, laid out circularly
-    kernel = torch.cat(
-        [
-            blocks,
-            blocks.new_zeros(*blocks.shape[:-3], size - 2 * lags + 1, *blocks.shape[-2:]),
-            blocks[..., 1:, :, :].flip(-3).transpose(-1, -2),
-        ],
-        dim=-3,
-    )
-    spectrum = torch.fft.rfft(kernel, dim=-3) @ torch.fft.rfft(x, n=size, dim=-3)
-    return torch.fft.irfft(spectrum, n=size, dim=-3)[..., :lags, :, :]
+    kernel = np.zeros((*blocks.shape[:-3], size, *blocks.shape[-2:]))
+    kernel[..., :lags, :, :] = blocks
+    kernel[..., size - lags + 1 :, :, :] = np.swapaxes(blocks[..., :0:-1, :, :], -1, -2)
+    spectrum = np.fft.rfft(kernel, axis=-3) @ np.fft.rfft(x, n=size, axis=-3)
+    return np.fft.irfft(spectrum, n=size, axis=-3)[..., :lags, :, :]
 
 
 def lagged_products(x: Tensor, y: Tensor, lags: int) -> Tensor:
     """(lags, rows of x, rows of y): sum over u of x[a, u] * y[b, u + m], m = 0..lags-1, signals zero outside.
 
     Accumulated block by block with FFTs of CORRELATION_FFT samples (x in blocks, y in blocks that run lags - 1
-    samples further), SAMPLES_PER_BATCH at a time, so that memory does not grow with the track. Each x block
-    is transformed time-reversed, which makes the correlation a convolution (no conjugate: a conjugated or
-    strided operand makes torch's batched complex product copy each bin's matrices one by one, many times
-    slower), and the cross-spectra are summed over the blocks by one matrix product per frequency bin:
-    (bins, x rows, blocks) @ (bins, blocks, y rows). Lag m is then sample block - 1 + m of the convolution."""
+    samples further), SAMPLES_PER_BATCH at a time, so that memory does not grow with the track; the cross-
+    spectra are summed over the blocks by one matrix product per frequency bin, (bins, x rows, blocks) @
+    (bins, blocks, y rows). That product wants each bin's spectra together, and the FFT of torch (like any
+    along the last axis) leaves them a block apart: the transposing copies cost more than the FFTs. So the
+    blocks are transformed by numpy along the *first* axis of samples-first views (`x.T`, `y.T`: free where
+    the caller's rows are columns of a samples-first array, as `bss_eval_v4`'s are), which gives the spectra
+    bin-major with no copy, on the CPU whatever the device. Each x block is transformed time-reversed (a
+    negative-stride view), which makes the correlation a convolution; lag m is then sample block - 1 + m."""
+    x_samples, y_samples = (rows.detach().cpu().to(torch.float64).numpy().T for rows in (x, y))
+    return torch.from_numpy(_lagged_products(x_samples, y_samples, lags)).to(x.device)
+
+
+def _lagged_products(x_samples: np.ndarray, y_samples: np.ndarray, lags: int) -> np.ndarray:
+    """`lagged_products` of samples-first signals (samples, rows), any strides."""
     size = _block_fft(CORRELATION_FFT, lags)
     block = size - lags + 1
-    count = -(-x.shape[-1] // block)
-    x_blocks = F.pad(x, (0, count * block - x.shape[-1])).reshape(x.shape[0], count, block).flip(-1)
-    y_blocks = F.pad(y, (0, count * block + lags - 1 - y.shape[-1])).unfold(-1, block + lags - 1, block)
-    total = torch.zeros(size // 2 + 1, x.shape[0], y.shape[0], dtype=torch.complex128, device=x.device)
-    per_batch = max(1, SAMPLES_PER_BATCH // size)
-    for start in range(0, count, per_batch):
-        stop = start + per_batch
-        x_spec = torch.fft.rfft(x_blocks[:, start:stop], n=size).permute(2, 0, 1).contiguous()
-        y_spec = torch.fft.rfft(y_blocks[:, start:stop], n=size).permute(2, 1, 0).contiguous()
-        total += x_spec @ y_spec
-    return torch.fft.irfft(total, n=size, dim=0)[block - 1 : block - 1 + lags]
+    length = x_samples.shape[0]
+    count = -(-length // block)
+    whole = min(length // block, max(0, (length - size) // block + 1))  # blocks of x and y inside the signals
+    # batches of whole blocks (at least one per thread), then the blocks that run past the end, from a
+    # zero-padded copy of the tail
+    per_batch = max(1, min(SAMPLES_PER_BATCH // size, -(-whole // _threads())))
+    batches = [
+        (x_samples[start * block : min(start + per_batch, whole) * block], y_samples[start * block :])
+        for start in range(0, whole, per_batch)
+    ]
+    if whole < count:
+        tail = count * block + lags - 1 - whole * block
+        x_tail, y_tail = (_zero_padded(signal[whole * block :], tail) for signal in (x_samples, y_samples))
+        batches.append((x_tail[: (count - whole) * block], y_tail))
+    total = sum(_parallel_map(lambda batch: _cross_spectra(*batch, block, size), batches))
+    return np.fft.irfft(total, n=size, axis=0)[block - 1 : block - 1 + lags]
+
+
+def _cross_spectra(x: np.ndarray, y: np.ndarray, block: int, size: int) -> np.ndarray:
+    """Sum over blocks b of X_b(f)^T Y_b(f), (bins, x rows, y rows): x (blocks x block samples, x rows) and y
+    (samples, y rows) samples first, y read from the start of each x block for `size` samples (lags - 1 past
+    its end)."""
+    count = x.shape[0] // block
+    x_blocks = x.reshape(count, block, -1)[:, ::-1].transpose(1, 0, 2)  # (block, count, rows), time-reversed
+    y_blocks = as_strided(y, (size, count, y.shape[1]), (y.strides[0], block * y.strides[0], y.strides[1]))
+    x_spectra = np.fft.rfft(x_blocks, n=size, axis=0)  # (bins, blocks, x rows)
+    y_spectra = np.fft.rfft(y_blocks, axis=0)
+    return np.swapaxes(x_spectra, 1, 2) @ y_spectra
+
+
+def _zero_padded(signal: np.ndarray, length: int) -> np.ndarray:
+    """The first `length` samples of a samples-first signal, zeros past its end."""
+    padded = np.zeros((length, signal.shape[1]))
+    padded[: min(length, signal.shape[0])] = signal[:length]
+    return padded
 
 
 def block_levinson(blocks: Tensor, rhs: Tensor) -> Tensor:
@@ -285,54 +342,64 @@ def block_levinson(blocks: Tensor, rhs: Tensor) -> Tensor:
 
     The Levinson-Wiggins-Robinson recursion in its reflection form (Whittle's): monic forward predictors A
     (T_k A = [Vf 0 .. 0]^T, first block I) and backward ones B (T_k B = [0 .. 0 Vb]^T, last block I) grow one
-    block per step by two p x p reflection updates each, and the solution with them. B is kept aligned to the
-    end of its buffer so that the shift of each step costs nothing. Its L - 1 steps are a dozen products of
-    small matrices each, so the time goes to per-call overhead, which numpy's is a fraction of torch's: it
-    runs in numpy on the CPU whatever the device (the inputs are only L x p x (p + q) numbers). A singular
-    prediction-error matrix gives NaN (the caller's residual check then sends the system to `solve_dense`)."""
-    *batch, lags, p, q = rhs.shape
+    block per step by two p x p reflection updates each, and the solution with them. Its L - 1 steps are a
+    dozen products of small matrices each, so much of the time goes to per-call overhead, which numpy's is a
+    fraction of torch's: it runs in numpy on the CPU whatever the device (the inputs are only L x p x (p + q)
+    numbers). A singular prediction-error matrix gives NaN (the caller's residual check then sends the system
+    to `solve_dense`)."""
     t = blocks.detach().cpu().to(torch.float64).numpy()
     b_rhs = rhs.detach().cpu().to(torch.float64).numpy()
-    try:
-        with np.errstate(all="ignore"):
-            solution = _levinson(t, b_rhs, lags, p, q)
-    except np.linalg.LinAlgError:
-        solution = np.full((*batch, lags * p, q), np.nan)
-    return torch.from_numpy(solution.reshape(*batch, lags, p, q)).to(device=rhs.device, dtype=rhs.dtype)
+    return torch.from_numpy(_levinson(t, b_rhs)).to(device=rhs.device, dtype=rhs.dtype)
 
 
-def _levinson(blocks: np.ndarray, rhs: np.ndarray, lags: int, p: int, q: int) -> np.ndarray:
-    """`block_levinson` on numpy arrays, with block rows stacked: returns X as (..., L * p, q)."""
-    batch = blocks.shape[:-3]
-    # rows[.., a, (L-1-j) p + b] = blocks[j][a, b]; cols[.., a, j p + b] = blocks[j][b, a]
-    rows = np.ascontiguousarray(np.swapaxes(blocks[..., ::-1, :, :], -3, -2)).reshape(*batch, p, lags * p)
-    cols = np.ascontiguousarray(np.swapaxes(np.swapaxes(blocks, -1, -2), -3, -2)).reshape(*batch, p, lags * p)
+@np.errstate(all="ignore")  # a singular prediction-error matrix: NaN, not warnings
+def _levinson(blocks: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """`block_levinson` on numpy arrays: X, (..., L, p, q); NaN where a prediction-error matrix is singular.
+
+    X grows with the predictors: X_k+1 = [X_k; 0] + B_k+1 Vb^-1 (rhs_k - row k of T_k+1 [X_k; 0]). Everything
+    that grows is stored transposed, (p, L p), so that the elementwise updates run along long contiguous rows
+    (on (L p, p) column slices numpy loops p elements at a time: the loop ran 30% slower so), B aligned to the
+    end of its buffer so that the shift of each step costs nothing; the updates go through preallocated
+    buffers. (T is symmetric, so the backward inner product, row 0 of T_k+1 [0; B], equals the transpose of
+    the forward one in exact arithmetic; on ill-conditioned systems the shortcut's rounding leaves residuals
+    of 1e-7 instead of 1e-10, so it is computed.)"""
+    *batch, lags, p, q = rhs.shape
     end = lags * p
-    forward_x = np.zeros((*batch, end, p + q))  # [:, :p] forward predictor A, [:, p:] solution X
-    backward = np.zeros((*batch, end, p))  # backward predictor B, aligned to the end
+    columns = np.ascontiguousarray(np.swapaxes(blocks[..., ::-1, :, :], -1, -2)).reshape(*batch, end, p)
+    stacked = np.ascontiguousarray(blocks).reshape(*batch, end, p)  # stacked[.., j p + b, a] = blocks[j][b, a]
+    forward_x = np.zeros((*batch, p + q, end))  # [:p] forward predictor A^T, [p:] solution X^T
+    backward = np.zeros((*batch, p, end))  # backward predictor B^T, aligned to the end
+    scratch = np.empty((*batch, 2, p * end))
+    errors = np.empty((*batch, p + q, p))  # (row k of T_k+1 [A | X; 0])^T
+    inner = np.empty((*batch, 2, p, p))  # [Vf, Vb]
     forward_x[..., :p, :p] = np.eye(p)
-    backward[..., end - p :, :] = np.eye(p)
-    forward_error = blocks[..., 0, :, :].copy()  # Vf
-    backward_inverse = np.linalg.inv(forward_error)  # Vb^-1 (Vb = Vf at the start)
-    forward_inverse = backward_inverse
-    forward_x[..., :p, p:] = backward_inverse @ rhs[..., 0, :, :]
-    backward_error = forward_error
-    for k in range(1, lags):
-        span, grown = k * p, (k + 1) * p
-        errors = rows[..., end - grown : end - p] @ forward_x[..., :span, :]  # row k of T_k+1 [A | X; 0]
-        back = cols[..., p:grown] @ backward[..., end - span :, :]  # row 0 of T_k+1 [0; B]
-        reflect_forward = backward_inverse @ errors[..., :p]
-        reflect_backward = forward_inverse @ back
-        a = forward_x[..., :grown, :p]
-        b = backward[..., end - grown :, :]
-        shifted = b @ reflect_forward
-        b -= a @ reflect_backward
-        a -= shifted
-        forward_error = forward_error - back @ reflect_forward
-        backward_error = backward_error - errors[..., :p] @ reflect_backward
-        forward_inverse, backward_inverse = np.linalg.inv(forward_error), np.linalg.inv(backward_error)
-        forward_x[..., :grown, p:] += b @ (backward_inverse @ (rhs[..., k, :, :] - errors[..., p:]))
-    return forward_x[..., p:]
+    backward[..., :, end - p :] = np.eye(p)
+    inner[..., 0, :, :] = inner[..., 1, :, :] = blocks[..., 0, :, :]
+    try:
+        inverse = np.linalg.inv(inner)
+        forward_x[..., p:, :p] = np.swapaxes(inverse[..., 1, :, :] @ rhs[..., 0, :, :], -1, -2)
+        for k in range(1, lags):
+            grown = (k + 1) * p
+            np.matmul(forward_x[..., : k * p], columns[..., end - grown : end - p, :], out=errors)
+            delta = errors[..., :p, :].mT  # row k of T_k+1 [A; 0]
+            back = (backward[..., end - k * p :] @ stacked[..., p:grown, :]).mT  # row 0, [0; B]
+            reflect_forward = inverse[..., 1, :, :] @ delta
+            reflect_backward = inverse[..., 0, :, :] @ back
+            a, b = forward_x[..., :p, :grown], backward[..., end - grown :]
+            a_update = scratch[..., 0, : p * grown].reshape(*batch, p, grown)
+            b_update = scratch[..., 1, : p * grown].reshape(*batch, p, grown)
+            np.matmul(reflect_forward.mT, b, out=a_update)
+            np.matmul(reflect_backward.mT, a, out=b_update)
+            a -= a_update
+            b -= b_update
+            inner[..., 0, :, :] -= back @ reflect_forward
+            inner[..., 1, :, :] -= delta @ reflect_backward
+            inverse = np.linalg.inv(inner)
+            gain = inverse[..., 1, :, :] @ (rhs[..., k, :, :] - errors[..., p:, :].mT)
+            forward_x[..., p:, :grown] += gain.mT @ b
+    except np.linalg.LinAlgError:
+        return np.full(rhs.shape, np.nan)
+    return np.swapaxes(forward_x[..., p:, :], -1, -2).reshape(*batch, lags, p, q)
 
 
 def solve_dense(blocks: Tensor, rhs: Tensor) -> Tensor:
@@ -363,61 +430,91 @@ class _Layout:
 
 
 def _window_metrics(
-    ref_rows: Tensor, est_rows: Tensor, response: Tensor, layout: _Layout, windows: range
+    signals: np.ndarray, response: np.ndarray, layout: _Layout, windows: range
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SDR, ISR, SIR, SAR (each (sources, windows)) of some windows: museval's `_bss_decomp_mtifilt` and
-    `_bss_crit` for all sources at once. The window's references, zero outside it, go through the filters;
-    the projections run taps - 1 samples past the window, where the reference and the estimate are zero."""
-    rows, width, sources, taps, size = ref_rows.shape[0], layout.width, layout.sources, layout.taps, layout.size
-    refs = ref_rows.unfold(-1, width, layout.hop)[:, windows.start : windows.stop]  # (rows, windows, width)
-    ests = est_rows.unfold(-1, width, layout.hop)[:, windows.start : windows.stop]
-    # overlap-add: the window in blocks of size - taps + 1 samples, each convolved by FFT, tails added on (a
-    # window in one block needs none: then size >= width + taps - 1; with several, size >= 2 taps)
-    block = size - taps + 1
-    blocks = -(-width // block)
-    cut = F.pad(refs, (0, blocks * block - width)).reshape(rows, -1, block)  # (rows, windows x blocks, block)
-    spectra = torch.fft.rfft(cut, n=size).permute(2, 1, 0).contiguous()  # (bins, windows x blocks, rows)
-    pieces = torch.fft.irfft((spectra @ response).permute(2, 1, 0), n=size)
-    pieces = pieces.reshape(2 * rows, len(windows), blocks, size)
-    span = width + taps - 1
-    if blocks == 1:
-        projected = pieces[:, :, 0, :span]
-    else:  # each block's head in place, its tail added onto the next block's head (the last one's appended)
-        projected = pieces.new_empty(2 * rows, len(windows), blocks * block + taps - 1)
-        projected[..., : blocks * block] = pieces[..., :block].reshape(2 * rows, len(windows), blocks * block)
-        projected[..., blocks * block :] = pieces[:, :, -1, block:]
-        following = projected[..., block : blocks * block].unflatten(-1, (blocks - 1, block))
-        following[..., : taps - 1] += pieces[:, :, :-1, block:]
-        projected = projected[..., :span]
-    every = projected[:rows]  # (rows, windows, span): on all references
-    own = projected[rows:]  # on the estimate's own reference
+    `_bss_crit` for all sources at once. signals: (samples, reference rows + estimate rows), samples first;
+    response: the filters' spectra, (bins, reference rows, 2 x estimate rows). The window's references, zero
+    outside it, go through the filters; the projections run taps - 1 samples past the window, where the
+    reference and the estimate are zero. Samples first throughout, in numpy: the FFTs run along the first
+    axis, which leaves each bin's spectra together for the product with the filters (no transposing copy),
+    and the energies are sums along that axis."""
+    rows, width, sources, taps, size = response.shape[1], layout.width, layout.sources, layout.taps, layout.size
+    step = signals.strides[0]
+    framed = as_strided(  # (width, windows, 2 x rows): the windows, as a view
+        signals[windows.start * layout.hop :],
+        (width, len(windows), 2 * rows),
+        (step, layout.hop * step, signals.strides[1]),
+        writeable=False,
+    )
+    refs, ests = framed[..., :rows], framed[..., rows:]
+    projected = _project(refs, response, taps, size)  # (width + taps - 1, windows, 2 x rows)
+    every, own = projected[..., :rows], projected[..., rows:]  # on all references; on the own source's
 
-    def energy(*parts: Tensor) -> Tensor:  # summed over channels and samples, per source and window
-        total = sum(torch.linalg.vector_norm(part, dim=-1).square() for part in parts)
-        assert isinstance(total, Tensor)
-        return total.reshape(sources, -1, total.shape[-1]).sum(dim=1)
+    def energy(part: np.ndarray) -> np.ndarray:  # summed over samples and channels: (sources, windows)
+        per_row = np.einsum("twr,twr->rw", part, part)
+        return per_row.reshape(sources, -1, per_row.shape[1]).sum(axis=1)
 
     s_energy = energy(refs)
-    metrics = (
-        _db(s_energy, energy(ests - refs)),
-        _db(s_energy, energy(own[..., :width] - refs, own[..., width:])),
-        _db(energy(own), energy(every - own)),
-        _db(energy(every), energy(ests - every[..., :width], every[..., width:])),
-    )
-    silent = _silent_windows(refs, sources) | _silent_windows(ests, sources)
-    sdr, isr, sir, sar = (torch.where(silent, torch.nan, metric) for metric in metrics)
-    return sdr, isr, sir, sar
+    sdr = _db(s_energy, energy(ests - refs))
+    sir = _db(energy(own), energy(every - own))
+    own[:width] -= refs  # own - s over the whole span (s is zero past the window)
+    isr = _db(s_energy, energy(own))
+    every_energy = energy(every)
+    every[:width] -= ests  # every - e, likewise
+    sar = _db(every_energy, energy(every))
+    # museval's `_any_source_silent`, on references and estimates: a source's channel sum zero at every sample
+    silent = ~(_source_sums(framed.transpose(1, 0, 2), 2 * sources) != 0).any(axis=1).all(axis=-1)
+    scored = [torch.from_numpy(np.where(silent, np.nan, metric)) for metric in (sdr, isr, sir, sar)]
+    return scored[0], scored[1], scored[2], scored[3]
 
 
-def _silent_windows(windows: Tensor, sources: int) -> Tensor:
-    """(windows,) True where some source's channel sum is zero at every sample (museval's `_any_source_silent`)."""
-    per_source = windows.reshape(sources, -1, *windows.shape[1:]).sum(dim=1)
-    return (per_source == 0).all(dim=-1).any(dim=0)
+def _project(refs: np.ndarray, response: np.ndarray, taps: int, size: int) -> np.ndarray:
+    """The windows' references (width, windows, rows) through the filters, zero outside the window: (width +
+    taps - 1, windows, filter columns), a new array. Overlap-add of blocks of size - taps + 1 samples, each
+    convolved by FFT, one product per bin with the filters' spectra for all blocks and windows (a window in
+    one block needs no adding: then size >= width + taps - 1; with several, size >= 2 taps)."""
+    width, count, rows = refs.shape
+    block = size - taps + 1
+    whole, rest = divmod(width, block)
+    blocks = whole + (rest > 0)
+    spectra = np.empty((size // 2 + 1, count, blocks, rows), dtype=np.complex128)
+    if whole:  # the whole blocks, as a view: (block, windows, blocks, rows)
+        strides = (refs.strides[0], refs.strides[1], block * refs.strides[0], refs.strides[2])
+        spectra[:, :, :whole] = np.fft.rfft(as_strided(refs, (block, count, whole, rows), strides), n=size, axis=0)
+    if rest:
+        spectra[:, :, whole] = np.fft.rfft(refs[whole * block :], n=size, axis=0)
+    products = spectra.reshape(spectra.shape[0], -1, rows) @ response
+    pieces = np.fft.irfft(products, n=size, axis=0).reshape(size, count, blocks, -1)
+    if blocks == 1:
+        return pieces[: width + taps - 1, :, 0]
+    projected = np.empty((blocks * block + taps - 1, count, pieces.shape[-1]))
+    heads = projected[: blocks * block].reshape(blocks, block, count, -1)
+    heads[:] = pieces[:block].transpose(2, 0, 1, 3)
+    heads[1:, : taps - 1] += pieces[block:, :, :-1].transpose(2, 0, 1, 3)  # each tail onto the next head
+    projected[blocks * block :] = pieces[block:, :, -1]
+    return projected[: width + taps - 1]
 
 
-def _db(num: Tensor, den: Tensor) -> Tensor:
+def _db(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """museval's `_safe_db`: +inf where the denominator is exactly 0, else 10 log10(num / den)."""
-    return torch.where(den == 0, torch.inf, 10 * torch.log10(num / den))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den == 0, np.inf, 10 * np.log10(num / den))
+
+
+def _threads() -> int:
+    """The threads to use: torch's setting (the caller's: the pipeline sets it), as for torch's own work."""
+    return max(1, torch.get_num_threads())
+
+
+def _parallel_map(function: Callable[[_Item], _Result], items: list[_Item]) -> list[_Result]:
+    """[function(item) for item in items], on `_threads()` threads: numpy's FFTs, products and elementwise
+    loops release the GIL, and they are most of the work (the windows' metrics on 2 cores: 1.9x)."""
+    workers = min(len(items), _threads())
+    if workers <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, items))
 
 
 def _block_fft(preferred: int, taps: int) -> int:
@@ -444,7 +541,8 @@ def _fft_size(length: int) -> int:
 
 
 def _as_sources(audio: Audio) -> Tensor:
-    """float64 (sources, samples, channels); 1-D and 2-D inputs get unit axes, like museval's `np.atleast_3d`."""
+    """(sources, samples, channels); 1-D and 2-D inputs get unit axes, like museval's `np.atleast_3d`. float32
+    or float64 as given (`bss_eval_v4` converts to float64 as it copies), other types as float64."""
     tensor = torch.as_tensor(audio)
     if tensor.ndim == 1:
         tensor = tensor[None, :, None]
@@ -452,7 +550,7 @@ def _as_sources(audio: Audio) -> Tensor:
         tensor = tensor[:, :, None]
     if tensor.ndim != 3:
         raise ValueError(f"expected (sources, samples, channels) audio, got shape {tuple(tensor.shape)}")
-    return tensor.to(torch.float64)
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.to(torch.float64)
 
 
 def _validate(refs: Tensor, ests: Tensor, window: int, hop: int, filters_len: int) -> None:
@@ -466,12 +564,35 @@ def _validate(refs: Tensor, ests: Tensor, window: int, hop: int, filters_len: in
         raise ValueError(f"window ({window}), hop ({hop}) and filters_len ({filters_len}) must be positive")
 
 
-def _refuse_silent_sources(ref_rows: Tensor, est_rows: Tensor, sources: int) -> None:
+def _samples_first(refs: Tensor, ests: Tensor) -> np.ndarray:
+    """Every reference channel, then every estimate channel, as the columns of one float64 array, (samples,
+    2 x sources x channels), rows source-major (source * channels + channel), in one copy that converts on the
+    way. The FFTs of the correlations and projections run along its first axis (see `lagged_products`), and
+    everything from here runs in numpy on the CPU, where torch's CPU calls cost more per call and its FFTs
+    leave each bin's spectra apart."""
+    length = refs.shape[1]
+    signals = np.empty((length, 2, *refs.shape[::2]))
+    for index, audio in enumerate((refs, ests)):
+        signals[:, index] = audio.detach().cpu().numpy().transpose(1, 0, 2)
+    return signals.reshape(length, -1)
+
+
+def _source_sums(signals: np.ndarray, sources: int) -> np.ndarray:
+    """(..., samples, sources): each source's channels summed, from (..., samples, sources x channels), source-
+    major. As strided additions: numpy's sum over a last axis of 2 runs many times slower."""
+    channels = signals.shape[-1] // sources
+    total = signals[..., ::channels].copy()
+    for channel in range(1, channels):
+        total += signals[..., channel::channels]
+    return total
+
+
+def _refuse_silent_sources(signals: np.ndarray, sources: int) -> None:
     """museval's `validate` on silence: a source whose channels sum to zero at every sample is refused."""
-    for name, rows in (("reference", ref_rows), ("estimated", est_rows)):
-        silent = (rows.reshape(sources, -1, rows.shape[-1]).sum(dim=1) == 0).all(dim=1).nonzero().flatten().tolist()
-        if silent:
+    heard = (_source_sums(signals, 2 * sources) != 0).any(axis=0)
+    for name, silent in zip(("reference", "estimated"), ~heard.reshape(2, sources), strict=True):
+        if silent.any():
             raise SilentSourceError(
-                f"{name} source(s) {silent} are all zeros: museval refuses such a track, "
+                f"{name} source(s) {np.flatnonzero(silent).tolist()} are all zeros: museval refuses such a track, "
                 "since an all-zero source makes the metrics undefined"
             )
