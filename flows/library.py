@@ -12,7 +12,14 @@ from pydantic import Field
 from flows.artifacts import RunProgress, publish_table
 from flows.pipeline.fanout import ShardDispatcher, plan_fan_out, shared_parameters
 from flows.pipeline.overlap import overlapped
-from flows.pipeline.runs import LibrarySummary, TrackResult, TracksFailed, run_summary, start_run
+from flows.pipeline.runs import (
+    TRACKS_FAILED_STATE,
+    LibrarySummary,
+    TrackResult,
+    TracksFailed,
+    run_summary,
+    start_run,
+)
 from flows.pipeline.track import Separated, TrackPipeline, now
 from tasks.core.progress import reporter
 from tasks.core.records import TrackOutcome
@@ -20,8 +27,6 @@ from tasks.core.settings import FanOut, Limits, OutputSettings, SeparationSettin
 from tasks.io.locations import has_secret, normalise, redact
 from tasks.io.sources import expand_sources
 
-# The Prefect state a run with failed tracks ends in (type FAILED; event `prefect.flow-run.TracksFailed`).
-TRACKS_FAILED_STATE = "TracksFailed"
 # Validated before any work starts: a deployment run with no sources is rejected by the server.
 Sources = Annotated[list[str], Field(min_length=1)]
 

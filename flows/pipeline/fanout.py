@@ -36,7 +36,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFi
 from prefect.states import Crashed
 
 from catalog import Catalog
-from flows.pipeline.runs import StartedRun, TrackResult
+from flows.pipeline.runs import TRACKS_FAILED_STATE, StartedRun, TrackResult
 from flows.pipeline.track import now
 from tasks.core.records import RecordedTrack, TrackOutcome
 from tasks.core.settings import FanOut, ShardAssignment
@@ -48,8 +48,6 @@ from tasks.io.storage import filesystem
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 # How often the parent asks the server about its shard runs (`STEMWORKS_FANOUT_POLL_S` overrides it).
 DEFAULT_POLL_S = 5.0
-# A shard run ending in a FAILED-type state of this name finished its tracks (some failed): it is not lost.
-TRACKS_FAILED_STATE = "TracksFailed"
 # Outcomes of one source recorded more than once (a shard declared lost that was in fact still going) are
 # resolved to one: a separation beats a skip, a skip beats a failure; the latest wins among equals.
 _RANK = {"succeeded": 0, "skipped": 1, "failed": 2}
@@ -234,6 +232,7 @@ class ShardDispatcher:
         if flow_run is None or flow_run.state is None:
             return None
         state = flow_run.state
+        # A shard run that ended `TracksFailed` finished its tracks (some failed): it is not lost.
         if state.is_completed() or (state.is_failed() and state.name == TRACKS_FAILED_STATE):
             return "finished"
         if state.is_final():

@@ -191,6 +191,10 @@ class LibrarySummary(Record):
         return f"{self.count('succeeded')} succeeded, {self.count('skipped')} skipped, {self.count('failed')} failed"
 
 
+# The Prefect state a run with failed tracks ends in (type FAILED; event `prefect.flow-run.TracksFailed`).
+TRACKS_FAILED_STATE = "TracksFailed"
+
+
 class TracksFailed(Exception):
     """What a `separate-library` run whose tracks failed ends with (its Prefect state is `TracksFailed`).
 
