@@ -257,8 +257,9 @@ class TrackPipeline:
             shutil.rmtree(work.work_dir, ignore_errors=True)
             return log.claimed_elsewhere(claim, self.context.run_id)
         try:
-            # Published by the claim's previous holder between our first look and our claim?
-            existing = self.existing_manifest(work.folder, work.job_key, ask_catalog=False)
+            # Published (and recorded) by the claim's previous holder between our first look and our claim?
+            # The catalog is asked too: the same audio under another name is published in another folder.
+            existing = self.existing_manifest(work.folder, work.job_key)
             if existing is not None:
                 self.claims.release(claim)
                 shutil.rmtree(work.work_dir, ignore_errors=True)
@@ -272,7 +273,12 @@ class TrackPipeline:
             return log.failed(exc)
 
     def finish(self, separated: Separated | TrackOutcome) -> TrackOutcome:
-        """score → publish a separated track (an ended one passes through); removes its work area."""
+        """score → publish a separated track (an ended one passes through); removes its work area.
+
+        A published track keeps its claim until `record` has written it to the catalog: released earlier,
+        another run could claim the job, find it neither in its own folder nor in the catalog yet (the same
+        audio under another name lands in another folder), and separate it again.
+        """
         if isinstance(separated, TrackOutcome):
             return separated
         log, work = separated.log, separated.work
@@ -283,11 +289,12 @@ class TrackPipeline:
                 published = steps.publish(work, separated.stems, quality, self.context)
             return log.outcome("succeeded", quality=quality, published=published)
         except AlreadyPublishedError as exc:  # our claim lapsed and another run finished first: keep theirs
+            self.claims.release(separated.claim)
             return log.skipped(exc.manifest_uri, f"published meanwhile by another run ({exc.reason})")
         except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
+            self.claims.release(separated.claim)
             return log.failed(exc)
         finally:
-            self.claims.release(separated.claim)
             shutil.rmtree(work.work_dir, ignore_errors=True)
 
     def process(self, source: str) -> TrackOutcome:
@@ -302,8 +309,12 @@ class TrackPipeline:
             "worker": worker_label(),
             "shard": self.shard,
         }
-        outcome = self._with_unrecorded_stems(outcome.model_copy(update=here))
-        self.catalog.record_track(self.context.run_id, outcome)
+        try:
+            outcome = self._with_unrecorded_stems(outcome.model_copy(update=here))
+            self.catalog.record_track(self.context.run_id, outcome)
+        finally:
+            if outcome.job_key is not None:  # the claim `finish` kept for a published track
+                self.claims.release_held(outcome.job_key, outcome.source)
         reporter().track_finished(outcome.source, outcome.status)
         return outcome
 

@@ -409,6 +409,13 @@ class ClaimKeeper:
         release(claim)
         self._wake.set()
 
+    def release_held(self, job_key: str, source: str) -> None:
+        """Release the claim this keeper holds for `job_key` on behalf of `source` (as shown), if any."""
+        with self._lock:
+            held = [c for c in self._held.values() if c.job_key == job_key and c.holder.source == redact(source)]
+        for claim in held:
+            self.release(claim)
+
     def close(self) -> None:
         with self._lock:
             held, self._held = list(self._held.values()), {}
