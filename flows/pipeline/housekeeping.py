@@ -36,10 +36,9 @@ from tasks.io.locations import redact
 from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, manifest_uri
 from tasks.io.processes import alive_since
 from tasks.io.storage import filesystem, is_local
+from tasks.steps.publish import staging_owner
 
 CleanKind = Literal["staging", "claim", "work", "scratch", "run", "superseded", "expired"]
-# `<pid>@<host>.<32 hex>` (publish's staging_name), plus `-stale` for a folder set aside during a swap.
-_STAGING_NAME = re.compile(r"^(?P<pid>\d+)@(?P<host>.+)\.[0-9a-f]{32}(-stale)?$")
 # `stemworks-prefect-<pid>@<host>.<random>`: the temporary Prefect database of a CLI run (workarea).
 _SCRATCH_NAME = re.compile(rf"^{PREFECT_SCRATCH}(?P<pid>\d+)@(?P<host>.+)\.[^.]+$")
 
@@ -94,10 +93,10 @@ def stale_staging(out: str, stale_after_hours: float) -> Iterator[CleanItem]:
     if not folder.is_dir():
         return
     for entry in sorted(folder.iterdir()):
-        match = _STAGING_NAME.match(entry.name)
-        gone = _owner_gone(match["host"], int(match["pid"]), entry.stat().st_mtime) if match else None
-        if gone:
-            yield CleanItem(kind="staging", location=str(entry), reason=f"its publisher (pid {match['pid']}) is gone")  # type: ignore[index]
+        owner = staging_owner(entry.name)
+        gone = _owner_gone(*owner, entry.stat().st_mtime) if owner else None
+        if owner and gone:
+            yield CleanItem(kind="staging", location=str(entry), reason=f"its publisher (pid {owner[1]}) is gone")
         elif gone is None and _age_hours(entry) > stale_after_hours:
             yield CleanItem(kind="staging", location=str(entry), reason=f"older than {stale_after_hours:g} h")
 

@@ -56,10 +56,20 @@ def _already_published(reason: str, manifest_uri: str, source: str | None) -> Al
     return AlreadyPublishedError(reason, manifest_uri=manifest_uri, source=source)
 
 
+# `<pid>@<host>.<32 hex>`, plus `-stale` for a folder set aside during a swap.
+_STAGING_NAME = re.compile(r"^(?P<pid>\d+)@(?P<host>.+)\.[0-9a-f]{32}(-stale)?$")
+
+
 def staging_name() -> str:
     """`<pid>@<host>.<random>`: `stemworks clean` can tell a dead publisher's leftovers from a live one's."""
     me = ProcessStamp.current()
     return f"{me.pid}@{me.hostname}.{uuid.uuid4().hex}"
+
+
+def staging_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that made the staging entry `name`; None for a name it did not make."""
+    match = _STAGING_NAME.match(name)
+    return (match["host"], int(match["pid"])) if match else None
 
 
 def safe_name(text: str) -> str:
