@@ -73,6 +73,31 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float =
         time.sleep(every)
 
 
+class RetryingTransport(httpx.HTTPTransport):
+    """Retries what Prefect's own client retries: 429, 502 and 503, with exponential backoff. The
+    server answers 503 when SQLite reports SQLITE_BUSY, which WAL mode returns at once (no busy
+    wait) when a read transaction's upgrade to a write collides with another writer.
+    Safe for the requests tests send: reads, filters, and create_flow_run with an idempotency key."""
+
+    RETRY_CODES = frozenset({429, 502, 503})
+
+    def __init__(self, attempts: int = 6, first_delay: float = 1.0) -> None:
+        super().__init__()
+        self.attempts = attempts
+        self.first_delay = first_delay
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(self.attempts):
+            response = super().handle_request(request)
+            if response.status_code not in self.RETRY_CODES or attempt == self.attempts - 1:
+                return response
+            response.read()
+            response.close()
+            retry_after = response.headers.get("Retry-After", "")
+            time.sleep(float(retry_after) if retry_after.isdigit() else self.first_delay * 2**attempt)
+        raise AssertionError("unreachable")
+
+
 def tail(path: Path, chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
@@ -96,7 +121,12 @@ class PrefectServer:
 
     def http(self, authenticated: bool = True) -> httpx.Client:
         user, _, password = self.auth.partition(":")
-        return httpx.Client(base_url=self.url, timeout=60, auth=(user, password) if authenticated else None)
+        return httpx.Client(
+            base_url=self.url,
+            timeout=60,
+            auth=(user, password) if authenticated else None,
+            transport=RetryingTransport(),
+        )
 
     def deployment_id(self, name: str) -> str:
         with self.http() as api:
