@@ -30,7 +30,7 @@ from tasks.engine.overlap_add import output_names
 from tasks.io.locations import has_scheme, normalise, redact
 from tasks.io.manifest import read_manifest
 from tasks.io.storage import filesystem
-from tasks.steps.evaluate.datasets import accepted_layouts, check_references, discover
+from tasks.steps.evaluate.datasets import ReferencesError, accepted_layouts, discover, precheck_references
 from tasks.steps.evaluate.report import comparison_rows, distribution_png, markdown_table
 from tasks.steps.evaluate.scoring import EVALUATOR_VERSION
 
@@ -126,6 +126,9 @@ class Evaluator:
 
     def score(self, item: DatasetItem, outcome: TrackOutcome) -> ItemEvaluation:
         logger = get_run_logger()
+        if outcome.status == "skipped" and outcome.published is None:  # claimed by another run, not published yet
+            logger.warning("%s: not separated here: %s", item.name, outcome.skip_reason)
+            return _failed(item, "separate", f"not separated here ({outcome.skip_reason}); evaluate it again", outcome)
         if outcome.status == "failed" or outcome.published is None:
             logger.warning("%s: separation failed at %s: %s", item.name, outcome.error_step, outcome.error)
             return _failed(item, "separate", f"separation failed at {outcome.error_step}: {outcome.error}", outcome)
@@ -138,7 +141,9 @@ class Evaluator:
         except Exception as exc:  # noqa: BLE001 - a bad item must never stop the dataset
             reason = exc.reason if isinstance(exc, StemworksError) else f"{type(exc).__name__}: {exc}"
             logger.warning("%s could not be evaluated: %s", item.name, reason)
-            return _failed(item, "evaluate", reason, outcome)
+            # references found wrong only now: an object store's, fetched for scoring, or a length on the samples
+            stage = "references" if isinstance(exc, ReferencesError) else "evaluate"
+            return _failed(item, stage, reason, outcome)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         result = ItemEvaluation(
@@ -169,7 +174,7 @@ class Evaluator:
 def _references_ok(item: DatasetItem, stems: list[str], limits: Limits) -> ItemEvaluation | None:
     """None when the item's references are all there and match the mixture; else the item's failure."""
     try:
-        check_references(item, stems, limits)
+        precheck_references(item, stems, limits)
     except StemworksError as exc:
         return _failed(item, "references", exc.reason)
     return None
@@ -252,7 +257,8 @@ def evaluate(
 
     Args:
         datasets: NI stem files (*.stem.mp4), folders holding mixture.wav beside drums.wav, bass.wav, other.wav,
-            vocals.wav (MUSDB18-HQ layout, any audio extension), or folders searched recursively for both.
+            vocals.wav (MUSDB18-HQ layout, any audio extension), or folders searched recursively for both; local
+            paths on the worker or object-store URLs (s3://bucket/prefix).
         separation: Model, device and Demucs settings evaluated. Stems already published with the same model
             and settings are reused, not separated again.
         output: Where (local folder or s3://bucket/prefix) and in which format the stems are published.
@@ -326,8 +332,14 @@ def evaluate(
             work=pipeline.separate,
             finish=conclude,
         )
+        published = {o.job_key: o.published for _, (o, _) in zip(ready, scored, strict=True) if o.published}
         for item, (outcome, result) in zip(ready, scored, strict=True):
-            results[item.mixture] = result
+            same_content = published.get(outcome.job_key) if outcome.status == "skipped" else None
+            if outcome.published is None and same_content is not None:
+                # the same audio as another item of this run, separated once, there: score those stems
+                results[item.mixture] = evaluator.score(item, outcome.model_copy(update={"published": same_content}))
+            else:
+                results[item.mixture] = result
             outcomes.append(outcome)
         ordered = [results[i.mixture] for i in items]
         finished = run_summary(run.run_id, outcomes)

@@ -24,7 +24,7 @@ from tasks.steps.evaluate.datasets import (
 )
 from tasks.steps.evaluate.nsdr import DELTA
 from tasks.steps.evaluate.scoring import score_arrays
-from tests.helpers.audiogen import music, write_audio
+from tests.helpers.audiogen import music, reference_folder, write_audio
 from tests.helpers.bsseval_reference import read_stem_file
 from tests.helpers.cli import stemworks as run_cli
 from tests.helpers.constants import MODEL_NAME
@@ -32,21 +32,6 @@ from tests.helpers.constants import MODEL_NAME
 STEMS = ["drums", "bass", "other", "vocals"]
 ALAC = "The Easton Ellises - Falcon 69 (NI ALAC).stem.m4a"  # lossless: decoded the same everywhere
 RATE = 44100
-
-
-def reference_folder(folder: Path, seconds: float = 2.0, *, skip: str | None = None, **odd: dict) -> Path:
-    """mixture.wav beside one wav per stem (synthetic music); `odd` changes a stem: {stem: {seconds|rate|channels}}."""
-    parts = {stem: music(seconds, seed=seed) * 0.25 for seed, stem in enumerate(STEMS, start=1)}
-    write_audio(folder / "mixture.wav", sum(parts.values()))
-    for stem in parts:
-        if stem == skip:
-            continue
-        change = odd.get(stem, {})
-        rate = change.get("rate", RATE)
-        channels = change.get("channels", 2)
-        length = change.get("seconds", seconds)
-        write_audio(folder / f"{stem}.wav", music(length, rate, channels, seed=7) * 0.25, rate)
-    return folder
 
 
 def musdb_folder(folder: Path, clip: Path, seconds: float) -> Path:

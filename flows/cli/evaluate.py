@@ -67,7 +67,8 @@ def add_parser(
         nargs="+",
         metavar="DATASET",
         help="NI stem files (*.stem.mp4), folders holding mixture.<ext> beside drums.<ext>, bass.<ext>, "
-        "other.<ext>, vocals.<ext>, or folders searched recursively for both",
+        "other.<ext>, vocals.<ext>, or folders searched recursively for both; local, or in an object store "
+        "(s3://bucket/prefix)",
     )
     add_settings_options(parser, OutputSettings, metavars=metavars)
     add_settings_options(parser, SeparationSettings, skip=skip, metavars=metavars)
@@ -122,8 +123,9 @@ def run(
         return term.usage_error(f"no such file or folder: {', '.join(missing)}\n  check the dataset path")
     found = discover(args.datasets)
     if not found.items:
+        problems = "".join(f"\n  {dataset}: {why}" for dataset, why in found.problems)
         return term.usage_error(
-            f"no recognisable items in {', '.join(args.datasets)}\n  accepted layouts: {accepted_layouts()}"
+            f"no recognisable items in {', '.join(args.datasets)}{problems}\n  accepted layouts: {accepted_layouts()}"
         )
     try:
         preflight.check(

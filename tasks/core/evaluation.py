@@ -26,6 +26,9 @@ class ReferenceSource(Record):
     stem: str
     path: str
     stream_index: int = 0
+    origin: str | None = Field(
+        default=None, description="The object-store URL `path` was fetched from (path is then a local copy)."
+    )
 
 
 class DatasetItem(Record):
@@ -37,6 +40,9 @@ class DatasetItem(Record):
     mixture: str = Field(description="The mixture's file: what the pipeline separates.")
     mixture_stream: int = 0
     references: dict[str, ReferenceSource] = Field(default_factory=dict, description="Stem -> its reference.")
+    origin: str | None = Field(
+        default=None, description="The object-store URL `mixture` was fetched from (mixture is then a local copy)."
+    )
 
 
 class StemScore(Record):

@@ -93,3 +93,21 @@ def float_wav_with_nan(path: Path, seconds: float = 1.0) -> Path:
     audio = music(seconds)
     audio[:, audio.shape[1] // 2] = np.nan
     return write_audio(path, audio, 44100, "wavf32")
+
+
+REFERENCE_STEMS = ("drums", "bass", "other", "vocals")
+
+
+def reference_folder(folder: Path, seconds: float = 2.0, *, skip: str | None = None, **odd: dict) -> Path:
+    """mixture.wav beside one wav per stem (synthetic music); `odd` changes a stem: {stem: {seconds|rate|channels}}."""
+    parts = {stem: music(seconds, seed=seed) * 0.25 for seed, stem in enumerate(REFERENCE_STEMS, start=1)}
+    write_audio(folder / "mixture.wav", sum(parts.values()))
+    for stem in parts:
+        if stem == skip:
+            continue
+        change = odd.get(stem, {})
+        rate = change.get("rate", 44100)
+        channels = change.get("channels", 2)
+        length = change.get("seconds", seconds)
+        write_audio(folder / f"{stem}.wav", music(length, rate, channels, seed=7) * 0.25, rate)
+    return folder

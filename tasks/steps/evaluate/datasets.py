@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -29,8 +30,12 @@ from tasks.core.errors import StemworksError
 from tasks.core.evaluation import DatasetItem, ReferenceSource
 from tasks.core.records import AudioInfo
 from tasks.core.settings import Limits
-from tasks.io.locations import AUDIO_EXTENSIONS, is_audio_name, normalise
+from tasks.io.faults import describe
+from tasks.io.locations import AUDIO_EXTENSIONS, is_audio_name, normalise, redact
+from tasks.io.storage import filesystem
+from tasks.io.web.policy import check_source, is_local_source, is_url_source
 from tasks.steps.decode import decode_blocks
+from tasks.steps.fetch import fetch_store
 from tasks.steps.validate import NI_STEM_STREAMS, STEM_SUFFIXES, probe
 
 # NI stem files (and MUSDB18) keep the references in this order after the mixture (stream 0).
@@ -66,34 +71,87 @@ def accepted_layouts() -> str:
 
 
 def discover(datasets: list[str]) -> Discovered:
-    """Every item in `datasets` (local files and folders), in a stable order, each mixture listed once."""
+    """Every item in `datasets` (local files and folders, object-store files and prefixes), in a stable order,
+    each mixture listed once."""
     found = Discovered()
     seen: set[str] = set()
     for dataset in datasets:
-        path = Path(normalise(dataset))
-        if not path.exists():
-            found.problems.append((dataset, "no such file or folder"))
+        try:
+            items = _remote_items(dataset) if is_remote(dataset) else _local_items(dataset)
+        except DatasetError as exc:
+            found.problems.append((dataset, exc.reason))
             continue
-        for item in _items(dataset, path):
+        for item in items:
             if item.mixture not in seen:
                 seen.add(item.mixture)
                 found.items.append(item)
     return found
 
 
-def _items(dataset: str, path: Path) -> list[DatasetItem]:
+class DatasetError(StemworksError):
+    """A dataset argument cannot be read or listed."""
+
+    step = "validate"
+
+
+def is_remote(location: str) -> bool:
+    """In an object store (s3://...), read through fsspec; else a path on this host."""
+    return not is_local_source(location)
+
+
+def _local_items(dataset: str) -> list[DatasetItem]:
+    path = Path(normalise(dataset))
+    if not path.exists():
+        raise DatasetError("no such file or folder")
     if path.is_file():
-        return [_stem_file_item(dataset, path, path.parent)] if _is_stem_file(path.name) else []
-    base = path.parent
-    items: list[DatasetItem] = []
+        return [_stem_file_item(dataset, str(path), str(path.parent), str)] if _is_stem_file(path.name) else []
+    listing: list[tuple[str, list[str]]] = []
     for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        folder = Path(root)
-        visible = sorted(n for n in names if not n.startswith("."))
-        mixture = _mixture_file(folder, visible)
+        listing.append((root, sorted(n for n in names if not n.startswith("."))))
+    return _listed_items(dataset, listing, str(path.parent), str)
+
+
+def _remote_items(dataset: str) -> list[DatasetItem]:
+    """The items under an object-store URL: a stem file, or a prefix listed recursively (names starting with
+    a dot skipped, as in local folders)."""
+    if is_url_source(dataset):
+        raise DatasetError("an http(s) URL cannot be listed: give a local path or an object-store URL (s3://...)")
+    try:
+        check_source(dataset)
+        fs, root = filesystem(dataset)
+        root = root.rstrip("/")
+        if fs.isfile(root):
+            stem_file = _is_stem_file(root)
+            return [_stem_file_item(dataset, root, root.rpartition("/")[0], fs.unstrip_protocol)] if stem_file else []
+        files = sorted(fs.find(root))
+    except StemworksError as exc:
+        raise DatasetError(exc.reason) from None
+    except Exception as exc:  # noqa: BLE001 - store clients raise their own types
+        raise DatasetError(f"cannot list: {describe(exc)}") from None
+    if not files:
+        raise DatasetError("no such object or prefix, or nothing under it")
+    folders: dict[str, list[str]] = {}
+    for file in files:
+        folder, _, name = file.rpartition("/")
+        inside = PurePosixPath(file).relative_to(PurePosixPath(root).parent).parts
+        if not any(part.startswith(".") for part in inside):
+            folders.setdefault(folder, []).append(name)
+    base = str(PurePosixPath(root).parent)
+    return _listed_items(dataset, sorted(folders.items()), base, fs.unstrip_protocol)
+
+
+def _listed_items(
+    dataset: str, listing: list[tuple[str, list[str]]], base: str, location: Callable[[str], str]
+) -> list[DatasetItem]:
+    """Items from (folder, file names) pairs, names relative to `base`; `location` turns a listed path into
+    what the pipeline reads (itself for local paths, the URL for object-store keys)."""
+    items: list[DatasetItem] = []
+    for folder, names in listing:
+        mixture = _mixture_name(names)
         if mixture is not None:
-            items.append(_folder_item(dataset, folder, mixture, visible, base))
-        items.extend(_stem_file_item(dataset, folder / n, base) for n in visible if _is_stem_file(n))
+            items.append(_folder_item(dataset, folder, mixture, names, base, location))
+        items.extend(_stem_file_item(dataset, f"{folder}/{n}", base, location) for n in names if _is_stem_file(n))
     return items
 
 
@@ -101,43 +159,46 @@ def _is_stem_file(name: str) -> bool:
     return name.lower().endswith(STEM_SUFFIXES)
 
 
-def _mixture_file(folder: Path, names: list[str]) -> Path | None:
-    candidates = [n for n in names if Path(n).stem == MIXTURE_NAME and is_audio_name(n)]
-    return folder / candidates[0] if candidates else None
+def _mixture_name(names: list[str]) -> str | None:
+    candidates = [n for n in names if PurePosixPath(n).stem == MIXTURE_NAME and is_audio_name(n)]
+    return candidates[0] if candidates else None
 
 
-def _name(path: Path, base: Path) -> str:
+def _name(path: str, base: str) -> str:
     try:
-        return path.relative_to(base).as_posix()
+        return PurePosixPath(path).relative_to(PurePosixPath(base)).as_posix()
     except ValueError:
-        return path.name
+        return PurePosixPath(path).name
 
 
-def _stem_file_item(dataset: str, path: Path, base: Path) -> DatasetItem:
+def _stem_file_item(dataset: str, path: str, base: str, location: Callable[[str], str]) -> DatasetItem:
     name = _name(path, base)
     for suffix in STEM_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
+    where = location(path)
     references = {
-        stem: ReferenceSource(stem=stem, path=str(path), stream_index=index)
+        stem: ReferenceSource(stem=stem, path=where, stream_index=index)
         for index, stem in enumerate(NI_STEM_ORDER, start=1)
     }
     return DatasetItem(
-        name=name, dataset=dataset, layout="ni-stems", mixture=str(path), mixture_stream=0, references=references
+        name=name, dataset=dataset, layout="ni-stems", mixture=where, mixture_stream=0, references=references
     )
 
 
-def _folder_item(dataset: str, folder: Path, mixture: Path, names: list[str], base: Path) -> DatasetItem:
+def _folder_item(
+    dataset: str, folder: str, mixture: str, names: list[str], base: str, location: Callable[[str], str]
+) -> DatasetItem:
     references: dict[str, ReferenceSource] = {}
     for name in names:
-        stem = Path(name).stem
-        if stem != MIXTURE_NAME and Path(name).suffix.lower() in AUDIO_EXTENSIONS and stem not in references:
-            references[stem] = ReferenceSource(stem=stem, path=str(folder / name))
+        stem, suffix = PurePosixPath(name).stem, PurePosixPath(name).suffix.lower()
+        if stem != MIXTURE_NAME and suffix in AUDIO_EXTENSIONS and stem not in references:
+            references[stem] = ReferenceSource(stem=stem, path=location(f"{folder}/{name}"))
     return DatasetItem(
-        name=_name(folder, base) if folder != base else folder.name,
+        name=_name(folder, base) if folder != base else PurePosixPath(folder).name,
         dataset=dataset,
         layout="folder",
-        mixture=str(mixture),
+        mixture=location(f"{folder}/{mixture}"),
         references=references,
     )
 
@@ -164,25 +225,66 @@ def _missing(item: DatasetItem, stem: str) -> str:
             f"no reference for stem {stem!r}: an NI stem file holds {', '.join(NI_STEM_ORDER)} "
             f"(streams 1-{len(NI_STEM_ORDER)})"
         )
-    folder = Path(item.mixture).parent
-    return f"no reference for stem {stem!r}: expected {folder / stem}.<wav|flac|...> beside {Path(item.mixture).name}"
+    folder, _, mixture = shown(item).rpartition("/")
+    return f"no reference for stem {stem!r}: expected {folder}/{stem}.<wav|flac|...> beside {mixture}"
+
+
+def shown(item: DatasetItem) -> str:
+    """The mixture as the user named it: its object-store URL for a local copy."""
+    return redact(item.origin or item.mixture)
+
+
+def precheck_references(item: DatasetItem, stems: list[str], limits: Limits) -> None:
+    """What can be checked before separating: for local files everything `check_references` checks; for an
+    object store, that every reference the `stems` need was listed (the files are fetched, probed and
+    compared with the mixture when the item is scored, so a dataset is never copied whole to this host)."""
+    if is_remote(item.mixture):
+        reference_parts(item, stems)
+    else:
+        check_references(item, stems, limits)
+
+
+def local_copy(item: DatasetItem, stems: list[str], work_dir: str | Path, limits: Limits) -> DatasetItem:
+    """The item with its mixture and the references the `stems` need as local files: fetched into `work_dir`
+    (each file once) from an object store, with their URLs kept as `origin`; a local item as it is."""
+    if not is_remote(item.mixture):
+        return item
+    copies: dict[str, str] = {}
+
+    def copy(url: str) -> str:
+        if url not in copies:
+            folder = Path(work_dir) / f"reference-{len(copies)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                copies[url] = fetch_store(url, folder, limits).local_path
+            except StemworksError as exc:
+                reason = f"{redact(url)}: {exc.reason}"
+                raise ReferencesError(reason, source=item.name, retryable=exc.retryable) from None
+        return copies[url]
+
+    needed = {s for group in reference_parts(item, stems).values() for s in group}
+    references = {
+        stem: ref.model_copy(update={"path": copy(ref.path), "origin": ref.path}) if stem in needed else ref
+        for stem, ref in item.references.items()
+    }
+    return item.model_copy(update={"mixture": copy(item.mixture), "origin": item.mixture, "references": references})
 
 
 def check_references(item: DatasetItem, stems: list[str], limits: Limits) -> AudioInfo:
     """Probe the mixture and every reference the `stems` need (headers, one frame each); raise ReferencesError
     naming the file and the reason when one is missing, unreadable, or of another rate or channel count.
     Returns the mixture's info."""
-    mixture = _probe(item.mixture, limits, item)
+    mixture = _probe(item.mixture, shown(item), limits, item)
     if item.layout == "ni-stems" and mixture.audio_streams != NI_STEM_STREAMS:
         raise ReferencesError(
-            f"{item.mixture}: an NI stem file has {NI_STEM_STREAMS} audio streams (mixture, "
+            f"{shown(item)}: an NI stem file has {NI_STEM_STREAMS} audio streams (mixture, "
             f"{', '.join(NI_STEM_ORDER)}); this one has {mixture.audio_streams}",
             source=item.name,
         )
     needed = {s for group in reference_parts(item, stems).values() for s in group}
     for stem in sorted(needed):
         ref = item.references[stem]
-        info = mixture if ref.path == item.mixture else _probe(ref.path, limits, item)
+        info = mixture if ref.path == item.mixture else _probe(ref.path, _where(ref, stream=False), limits, item)
         stream = _stream_info(ref, info, item)
         if stream.sample_rate != mixture.sample_rate:
             raise ReferencesError(
@@ -207,15 +309,17 @@ def _length_mismatch(stem: str, ref: ReferenceSource, seconds: float, mixture_se
     )
 
 
-def _where(ref: ReferenceSource) -> str:
-    return f"{ref.path} stream {ref.stream_index}" if ref.stream_index else ref.path
+def _where(ref: ReferenceSource, stream: bool = True) -> str:
+    """The reference's file as the user named it (its URL for a local copy), and its stream in a stem file."""
+    where = redact(ref.origin or ref.path)
+    return f"{where} stream {ref.stream_index}" if stream and ref.stream_index else where
 
 
-def _probe(path: str, limits: Limits, item: DatasetItem) -> AudioInfo:
+def _probe(path: str, label: str, limits: Limits, item: DatasetItem) -> AudioInfo:
     try:
-        return probe(path, limits)
+        return probe(path, limits, source=label)
     except StemworksError as exc:
-        raise ReferencesError(f"{path}: {exc.reason}", source=item.name) from None
+        raise ReferencesError(f"{label}: {exc.reason}", source=item.name) from None
 
 
 def _stream_info(ref: ReferenceSource, info: AudioInfo, item: DatasetItem) -> AudioInfo:
@@ -256,12 +360,13 @@ def load_references(
 ) -> np.ndarray:
     """(stems, samples, 2) float32 references at `sample_rate`, in the order of `parts`, cut to the shortest;
     raises ReferencesError when a length differs from the mixture's by more than LENGTH_TOLERANCE_S."""
-    mixture_audio = decode_file(item.mixture, mixture, sample_rate, limits, label=item.mixture)
+    mixture_audio = decode_file(item.mixture, mixture, sample_rate, limits, label=shown(item))
     decoded: dict[str, np.ndarray] = {}
     tolerance = math.ceil(LENGTH_TOLERANCE_S * sample_rate)
     for stem in sorted({s for group in parts.values() for s in group}):
         ref = item.references[stem]
-        info = _stream_info(ref, mixture if ref.path == item.mixture else _probe(ref.path, limits, item), item)
+        probed = mixture if ref.path == item.mixture else _probe(ref.path, _where(ref, stream=False), limits, item)
+        info = _stream_info(ref, probed, item)
         try:
             audio = decode_file(ref.path, info, sample_rate, limits, label=_where(ref))
         except StemworksError as exc:

@@ -20,7 +20,7 @@ from tasks.core.records import PublishedStem
 from tasks.core.settings import Limits
 from tasks.steps.evaluate import bsseval
 from tasks.steps.evaluate.bsseval import SilentSourceError
-from tasks.steps.evaluate.datasets import check_references, decode_file, load_references, reference_parts
+from tasks.steps.evaluate.datasets import check_references, decode_file, load_references, local_copy, reference_parts
 from tasks.steps.evaluate.nsdr import median_chunk_nsdr, nsdr
 from tasks.steps.fetch import fetch
 from tasks.steps.validate import probe
@@ -73,16 +73,18 @@ def _finite(value: float) -> float | None:
 def score_item(
     item: DatasetItem, stems: list[PublishedStem], sample_rate: int, limits: Limits, work_dir: str | Path
 ) -> tuple[list[StemScore], float, float]:
-    """Fetch and decode the published `stems`, decode the item's references, score them.
+    """Fetch and decode the published `stems`, fetch (from an object store) and decode the item's references,
+    score them.
 
     Returns (scores, audio seconds evaluated, wall seconds taken). Raises ReferencesError for missing or
     mismatched references, EvaluationError for stems that cannot be read.
     """
     started = time.perf_counter()
     names = [s.stem for s in stems]
-    mixture = check_references(item, names, limits)
-    parts = reference_parts(item, names)
-    references = load_references(item, mixture, parts, sample_rate, limits)
+    local = local_copy(item, names, Path(work_dir) / "references", limits)  # an object store's files, fetched
+    mixture = check_references(local, names, limits)
+    parts = reference_parts(local, names)
+    references = load_references(local, mixture, parts, sample_rate, limits)
     estimates = np.stack(
         [_pad(_decode_stem(stem, sample_rate, limits, Path(work_dir)), references.shape[1]) for stem in stems]
     )
