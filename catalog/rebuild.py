@@ -1,8 +1,10 @@
 """Rebuild a lost or corrupted catalog from the `manifest.json` files published under an output location.
 
 Manifests are the source of truth for what is on storage: each complete one becomes a succeeded track
-with its stems, grouped into the runs that published them (`runs.rebuilt_from` says where from). What
-manifests do not hold (failures, step timings, per-stem quality, Prefect flow-run ids) cannot come back.
+with its stems, grouped into the runs that published them (`runs.rebuilt_from` says where from). The
+`evaluations` rows come back from the evaluations files `evaluate` writes beside its reports
+(`<out>/_evaluations/<run id>/evaluations.json`), with a run row for an evaluation run that published nothing.
+What neither holds (failures, step timings, per-stem quality, Prefect flow-run ids) cannot come back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from catalog.ducklake import DuckLakeCatalog, is_ducklake
 from catalog.errors import CatalogError
 from catalog.store import Catalog
+from tasks.core.evaluation import EVALUATIONS_FILE, REPORT_FOLDER, EvaluationRecord
 from tasks.core.records import RunRecord, RunSummary, TrackOutcome, TrackQuality
 from tasks.io.locations import display_text, join, normalise, redact
 from tasks.io.manifest import MANIFEST_NAME, STAGING_DIR, Manifest, complete_manifest, read_manifest
@@ -31,6 +34,7 @@ class RebuildReport:
     runs: int = 0
     tracks: int = 0
     stems: int = 0
+    evaluations: int = 0  # `evaluations` rows, from the evaluations files under `out`
     moved_aside: Path | str | None = None  # the old file, or the DuckLake snapshot that still holds the old rows
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (manifest, why it was not used)
 
@@ -123,12 +127,19 @@ def rebuild(
     new_path.unlink(missing_ok=True)
     try:
         catalog = Catalog(new_path)
+        runs: set[str] = set()
         for run_id, entries in sorted(by_run.items()):
             recorded = _record_run(catalog, run_id, base, entries, report.skipped)
             if recorded is not None:
-                report.runs += 1
+                runs.add(run_id)
                 report.tracks += len(recorded)
                 report.stems += sum(len(m.stems) for m in recorded)
+        for uri in evaluation_uris(base):
+            try:
+                report.evaluations += _record_evaluations(catalog, read_evaluations(uri), base, runs)
+            except Exception as exc:  # noqa: BLE001 - like a manifest: reported, never the end of a rebuild
+                report.skipped.append((redact(uri), _reason(exc)))
+        report.runs = len(runs)
     except BaseException:
         _remove_partial(new_path)  # never leave a half-built `.rebuilding` file behind
         raise
@@ -201,6 +212,41 @@ def _record_run(
         )
     )
     return recorded
+
+
+def evaluation_uris(out: str) -> list[str]:
+    """Every evaluations file `evaluate` wrote under `out` (`<out>/_evaluations/<run id>/evaluations.json`)."""
+    fs, root = filesystem(out)
+    found = sorted(fs.glob(f"{root.rstrip('/')}/{REPORT_FOLDER}/*/{EVALUATIONS_FILE}"))
+    return [join(out, REPORT_FOLDER, PurePosixPath(p).parent.name, EVALUATIONS_FILE) for p in found]
+
+
+def read_evaluations(uri: str) -> EvaluationRecord:
+    fs, path = filesystem(uri)
+    return EvaluationRecord.model_validate_json(fs.cat_file(path))
+
+
+def _record_evaluations(catalog: Catalog, saved: EvaluationRecord, out: str, runs: set[str]) -> int:
+    """Record an evaluation run's `evaluations` rows; first its run, when no manifest recorded it (an
+    evaluation that reused every stem published nothing). Returns the rows written."""
+    run_id = saved.run.run_id
+    if run_id not in runs:
+        rebuilt = {"flow_run_id": None, "flow_name": "rebuild", "hostname": socket.gethostname(), "pid": None}
+        catalog.start_run(saved.run.model_copy(update=rebuilt), rebuilt_from=redact(out))
+        catalog.finish_run(
+            RunSummary(
+                run_id=run_id,
+                finished_at=max(saved.run.started_at, saved.context.evaluated_at),
+                status="completed",
+                tracks_total=0,
+                tracks_succeeded=0,
+                tracks_failed=0,
+                tracks_skipped=0,
+                audio_seconds=0.0,
+            )
+        )
+        runs.add(run_id)
+    return sum(catalog.record_evaluations(saved.context, item) for item in saved.items)
 
 
 def _reason(exc: BaseException) -> str:

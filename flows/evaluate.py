@@ -21,7 +21,14 @@ from flows.pipeline.runs import run_summary, start_run
 from flows.pipeline.track import Separated, TrackPipeline, now
 from tasks import prefect_tasks as steps
 from tasks.core.errors import ConfigurationError, StemworksError
-from tasks.core.evaluation import DatasetItem, EvaluationContext, ItemEvaluation
+from tasks.core.evaluation import (
+    EVALUATIONS_FILE,
+    REPORT_FOLDER,
+    DatasetItem,
+    EvaluationContext,
+    EvaluationRecord,
+    ItemEvaluation,
+)
 from tasks.core.progress import reporter
 from tasks.core.records import Record, RunContext, TrackOutcome
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
@@ -36,7 +43,6 @@ from tasks.steps.evaluate.scoring import EVALUATOR_VERSION
 
 ITEMS_FAILED_STATE = "ItemsFailed"
 REPORT_KEY = "evaluation-report"
-REPORT_FOLDER = "_evaluations"  # under the output location: <out>/_evaluations/<run id>/
 Datasets = Annotated[list[str], Field(min_length=1)]
 
 
@@ -358,6 +364,11 @@ def evaluate(
         items=ordered,
     )
     location = _report_location(report, output.out, run.run_id)
+    try:
+        saved = EvaluationRecord(run=record, context=context, items=ordered)
+        _write(location, EVALUATIONS_FILE, saved.model_dump_json(indent=1).encode())
+    except Exception as exc:  # noqa: BLE001 - the scores are recorded; only a rebuild would miss them
+        logger.warning("%s not written to %s: %s: %s", EVALUATIONS_FILE, redact(location), type(exc).__name__, exc)
     try:
         markdown, rows = write_report(summary, pipeline.catalog, location, stems)
         summary = summary.model_copy(update={"report": redact(location), "comparison": rows})

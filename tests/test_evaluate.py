@@ -242,6 +242,19 @@ def test_evaluate_scores_records_reports_and_compares_settings(
     assert statuses == [("skipped",)]
     assert len(again) == 4 and all(r[1] == r[2] and r[3] == r[4] for r in again)
 
+    # A lost catalog: the scores come back from the evaluations files beside the reports, with a run row for
+    # the third run, which published nothing.
+    rebuilt = tmp_path / "rebuilt.duckdb"
+    result = run_cli("catalog", "rebuild", "--from", str(out), "--catalog", str(rebuilt), env=dict(os.environ))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 runs, 3 tracks, 12 stems, 16 evaluation rows" in result.stdout
+    rows = "SELECT run_id, item, content_sha256, stem, config, parameters, sdr, sir, isr, sar, nsdr FROM evaluations"
+    with duckdb.connect(str(catalog), read_only=True) as before, duckdb.connect(str(rebuilt), read_only=True) as after:
+        assert after.execute(f"{rows} ORDER BY ALL").fetchall() == before.execute(f"{rows} ORDER BY ALL").fetchall()
+        assert after.execute("SELECT run_id FROM runs WHERE run_id = ?", [last]).fetchall() == [(last,)]
+        configs = "SELECT config, stem, items, median_sdr FROM evaluation_configs ORDER BY ALL"
+        assert after.execute(configs).fetchall() == before.execute(configs).fetchall()
+
 
 def _artifact_keys(flow_run_id: str) -> set[str]:
     from prefect.client.orchestration import get_client

@@ -338,8 +338,10 @@ def run_rebuild(args: argparse.Namespace, term: Terminal) -> int:
         term.out.print(f"previous catalog kept as {report.moved_aside}", highlight=False)
     for uri, why in report.skipped:
         term.err.print(f"[yellow]skipped[/yellow] {uri}: {why}", highlight=False)
+    evaluations = f", {report.evaluations} evaluation rows" if report.evaluations else ""
     term.out.print(
-        f"rebuilt {report.catalog} from {report.out}: {report.runs} runs, {report.tracks} tracks, {report.stems} stems",
+        f"rebuilt {report.catalog} from {report.out}: {report.runs} runs, {report.tracks} tracks, {report.stems} stems"
+        f"{evaluations}",
         highlight=False,
     )
     return EXIT_OK

@@ -10,7 +10,12 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, Field
 
-from tasks.core.records import Record
+from tasks.core.records import Record, RunRecord
+
+# Where `evaluate` writes a run's report and its evaluations file: <out>/_evaluations/<run id>/.
+REPORT_FOLDER = "_evaluations"
+EVALUATIONS_FILE = "evaluations.json"
+EvaluationsFormat = Literal["stemworks-evaluations/1"]
 
 # What a dataset item's references are stored as: an NI stem file (mixture and stems as audio streams of one
 # file) or a folder holding mixture.<ext> beside <stem>.<ext> (the MUSDB18 / MUSDB18-HQ layout).
@@ -93,3 +98,13 @@ class EvaluationContext(Record):
     parameters: dict[str, Any] = Field(description="Every setting of the run, JSON-able.")
     evaluator_version: str
     evaluated_at: AwareDatetime
+
+
+class EvaluationRecord(Record):
+    """What `evaluate` writes beside its report (EVALUATIONS_FILE): the run, what its rows share and every
+    item, so that `catalog rebuild` restores the `evaluations` rows, which no manifest holds."""
+
+    format: EvaluationsFormat = "stemworks-evaluations/1"
+    run: RunRecord
+    context: EvaluationContext
+    items: list[ItemEvaluation]
