@@ -54,6 +54,7 @@ from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_stat
 from catalog.views import VIEWS, create_view_statements
 from tasks.core.evaluation import EvaluationContext, ItemEvaluation
 from tasks.core.records import RecordedTrack, Removal, RunningRun, RunRecord, RunSummary, TrackOutcome
+from tasks.core.vocabulary import FinishedRunStatus
 
 # DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
 _LOCK_CONFLICT = "Could not set lock on file"
@@ -125,8 +126,9 @@ class Catalog:
 
         self._write(write)
 
-    def close_crashed_run(self, run_id: str, finished_at: datetime) -> bool:
-        """Close a run left `running` by a process that died: status `crashed`, counts from its recorded tracks.
+    def close_unfinished_run(self, run_id: str, finished_at: datetime, status: FinishedRunStatus) -> bool:
+        """Close a run that ended without its summary (`crashed`: its process died; `cancelled`; `failed`: its
+        flow stopped on an error), with the counts of its recorded tracks.
 
         Returns False (and changes nothing) when the run is not running any more.
         """
@@ -147,7 +149,7 @@ class Catalog:
             summary = RunSummary(
                 run_id=run_id,
                 finished_at=max(finished_at, started),
-                status="crashed",
+                status=status,
                 tracks_total=total,
                 tracks_succeeded=succeeded,
                 tracks_failed=failed,

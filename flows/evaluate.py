@@ -352,6 +352,9 @@ def evaluate(
         if any(r.status == "failed" for r in ordered):
             finished = finished.model_copy(update={"status": "failed"})
         pipeline.catalog.finish_run(finished)
+    except BaseException as exc:  # cancelled, interrupted or failed: the row must not stay `running`
+        started.stopped(exc)
+        raise
     finally:
         started.close()
     summary = EvaluationSummary(

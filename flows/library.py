@@ -130,6 +130,9 @@ def separate_library(
             )
             results += [TrackResult.of(o) for o in tracks]
         store.finish_run(run_summary(context.run_id, results))
+    except BaseException as exc:  # cancelled, interrupted or failed: the row must not stay `running`
+        started.stopped(exc)
+        raise
     finally:
         started.close()
     summary = LibrarySummary(

@@ -104,3 +104,34 @@ def test_random_sigkills_then_clean_leave_consistent_outputs_and_catalog(tmp_pat
     assert not (out / CLAIMS_DIR).exists() or not any((out / CLAIMS_DIR).iterdir())
     assert not work.exists() or not any(work.iterdir())
     assert not list(scratch.glob("stemworks-prefect-*"))
+
+
+def test_ctrl_c_closes_the_run_as_cancelled_and_leaves_nothing_behind(tmp_path: Path, model_repo: Path) -> None:
+    """Ctrl-C (SIGINT to the CLI's process group) after a track is published: exit 130 with a line saying what
+    happened, the run recorded `cancelled` with the tracks it recorded, no staging, claim or work file left."""
+    music, out, work, catalog = tmp_path / "music", tmp_path / "stems", tmp_path / "work", tmp_path / "c.duckdb"
+    for seed in range(4):
+        audio_file(music, f"song{seed}.wav", "wav", seconds=2.0, seed=seed)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    separate = [sys.executable, "-m", "flows.cli", "separate", str(music), "--model-repo", str(model_repo)]
+    separate += ["--model", MODEL_NAME, "--out", str(out), "--catalog", str(catalog), "--work-dir", str(work)]
+    run = subprocess.Popen(
+        separate, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while run.poll() is None and not list(out.glob("*/manifest.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert run.poll() is None, "the run ended before a track was published: nothing to interrupt"
+    os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends: the CLI and its Prefect server
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stderr[-4000:]
+    assert "interrupted: what was published is kept" in stderr and "Traceback" not in stderr, stderr[-4000:]
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        runs = con.execute("SELECT status, tracks_total, tracks_succeeded FROM runs").fetchall()
+        recorded = con.execute("SELECT count(*), count(*) FILTER (status = 'succeeded') FROM tracks").fetchone()
+    assert runs == [("cancelled", *recorded)] and recorded[1] >= 1
+    assert len(list(out.glob("*/manifest.json"))) == recorded[1]
+    assert not (out / STAGING_DIR).exists() or not any((out / STAGING_DIR).iterdir())
+    assert not (out / CLAIMS_DIR).exists() or not any((out / CLAIMS_DIR).iterdir())
+    assert not work.exists() or not any(work.iterdir())

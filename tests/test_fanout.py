@@ -36,6 +36,8 @@ STEMS = {"drums", "bass", "other", "vocals"}
 WORKERS = 3
 # Flow-run heartbeats every 30 s (Prefect's minimum); a shard run silent for 75 s is taken for dead.
 HEARTBEAT_S, STALL_S = 30, 75.0
+CANCEL_CLEANUP_S = 2
+TERMINAL_TYPES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @dataclass
@@ -119,7 +121,13 @@ def fanout_stack(tmp_path_factory: pytest.TempPathFactory, model_repo: Path) -> 
         boto3.client(
             "s3", endpoint_url=moto.endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
         ).create_bucket(Bucket=BUCKET)
-        server = start_server(root / "prefect", AUTH, PREFECT_SERVER_DATABASE_CONNECTION_URL=database_url)
+        server = start_server(
+            root / "prefect",
+            AUTH,
+            PREFECT_SERVER_DATABASE_CONNECTION_URL=database_url,
+            # how often the server cancels the sub-runs of cancelled runs (default 20 s)
+            PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS=str(CANCEL_CLEANUP_S),
+        )
         lake_data = root / "lake-data"
         setup = subprocess.run(
             [
@@ -348,3 +356,50 @@ def test_a_worker_killed_mid_shard_is_survived(fanout_stack: FanoutStack) -> Non
     assert sorted(Path(row["source"]).name for row in table) == sorted(p.name for p in folder.iterdir())
     assert {row["status"] for row in table} <= {"succeeded", "skipped"}, table
     assert " 0 failed;" in description, description
+
+
+def test_cancelling_the_parent_cancels_its_shard_runs(fanout_stack: FanoutStack) -> None:
+    """Shard runs are sub-runs of the parent (`run_deployment` inside its flow), so Prefect's cancellation
+    clean-up cancels the ones not finished once the parent is Cancelled; nothing is dispatched after that."""
+    stack = fanout_stack
+    folder = stack.root / "library-cancelled"
+    for index in range(8):  # shards of four 2 s tracks: long enough to be running when the clean-up comes
+        audio_file(folder, f"track {index:02d}.wav", "wav", seconds=2.0, seed=400 + index)
+    flow_run_id = stack.trigger([str(folder)], f"s3://{BUCKET}/cancelled", shard_tracks=4)
+
+    def shard_runs() -> list[dict]:
+        with stack.server.http() as api:
+            response = api.post(
+                "/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}}
+            )
+            response.raise_for_status()
+            return response.json()
+
+    running = wait_for(
+        lambda: [r for r in shard_runs() if r["state"]["type"] == "RUNNING"], 900, "a shard run to run", every=0.5
+    )
+    with stack.server.http() as api:
+        cancel = {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
+        response = api.post(f"/flow_runs/{flow_run_id}/set_state", json=cancel)
+    assert response.status_code in (200, 201), response.text
+    parent = stack.finished(flow_run_id)
+    assert parent["state"]["type"] == "CANCELLED", f"{parent['state']}\n{stack.explain()}"
+
+    def all_ended() -> list[dict] | None:
+        children = shard_runs()
+        return children if all(c["state"]["type"] in TERMINAL_TYPES for c in children) else None
+
+    try:
+        children = wait_for(all_ended, 600, "every shard run to end", every=2)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {[(c['name'], c['state']['type']) for c in shard_runs()]}") from exc
+    ended = Counter(c["state"]["type"] for c in children)
+    assert {r["id"] for r in running} <= {c["id"] for c in children}
+    # a shard that finished between the read and the cancel completed; the others were cancelled
+    assert ended["CANCELLED"] >= 1 and set(ended) <= {"CANCELLED", "COMPLETED"}, ended
+    # The catalog says so too: each stopped flow closed its run as cancelled, with what it had recorded.
+    catalog = stack.catalog()
+    parent_run = catalog.query(f"SELECT run_id, status FROM runs WHERE flow_run_id = '{flow_run_id}'")[1]
+    assert [status for _, status in parent_run] == ["cancelled"]
+    shards = catalog.query(f"SELECT flow_run_id, status FROM runs WHERE parent_run_id = '{parent_run[0][0]}'")[1]
+    assert dict(shards) == {c["id"]: c["state"]["type"].lower() for c in children}

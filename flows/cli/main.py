@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import csv
 import json
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError as SettingsError
@@ -23,9 +18,9 @@ from rich.table import Table
 
 from flows.cli import clean as clean_cli
 from flows.cli import evaluate as evaluate_cli
+from flows.cli.local_api import prefect_api_of_this_process
 from flows.cli.options import Renamed, add_settings_options, settings_from, settings_message
 from flows.cli.secret_sources import secrets_out_of_band
-from flows.pipeline.workarea import prefect_scratch_prefix
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 
 if TYPE_CHECKING:  # imported for real only by the commands that run flows: `--help` stays fast
@@ -33,6 +28,7 @@ if TYPE_CHECKING:  # imported for real only by the commands that run flows: `--h
     from flows.pipeline.runs import LibrarySummary
 
 EXIT_OK, EXIT_TRACK_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 # Settings fields a command-line run does not offer (the GPU slot limit is a deployment concern).
 CLI_SKIPS = frozenset({"gpu_slot_limit"})
 RENAMED = {"max_file_bytes": Renamed(flag="--max-file-mb", metavar="MB", scale=1024 * 1024, unit=" MiB")}
@@ -220,43 +216,8 @@ def _run_library(
     args: argparse.Namespace, separation: SeparationSettings, output: OutputSettings, limits: Limits, term: Terminal
 ) -> int:
     term.status("starting Prefect (a temporary local API server unless PREFECT_API_URL is set)")
-    with _prefect_api_of_this_process():
+    with prefect_api_of_this_process():
         return _separate_with_progress(args, separation, output, limits, term)
-
-
-# A busy machine (several runs starting at once on 2 cores) can take longer than Prefect's default 20 s.
-EPHEMERAL_STARTUP_TIMEOUT_S = 300
-
-
-@contextmanager
-def _prefect_api_of_this_process() -> Iterator[None]:
-    """Without PREFECT_API_URL, give this process's temporary Prefect API server a database of its own.
-
-    By default every temporary server uses the one SQLite file in PREFECT_HOME: several `stemworks
-    separate` started at once then contend for it while starting, and time out. The run's record is the
-    catalog; Prefect's database of a CLI run is scratch and is removed at the end. A database the user
-    configured (PREFECT_SERVER_DATABASE_CONNECTION_URL) is left alone.
-    """
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_DATABASE_CONNECTION_URL,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-
-    configured = {"PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"} & set(os.environ)
-    if PREFECT_API_URL.value() or configured:
-        yield
-        return
-    scratch = Path(tempfile.mkdtemp(prefix=prefect_scratch_prefix()))  # named by process: `clean` finds a dead one's
-    updates = {
-        PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{scratch / 'prefect.db'}",
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S,
-    }
-    # Removed at exit, after Prefect has stopped the server (atexit runs handlers last-registered first).
-    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    with temporary_settings(updates=updates):
-        yield
 
 
 def _separate_with_progress(
@@ -380,6 +341,18 @@ def run_model_random(args: argparse.Namespace, term: Terminal) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     term = Terminal()
+    try:
+        return _run_command(args, term)
+    except KeyboardInterrupt:
+        term.err.print(
+            "interrupted: what was published is kept, and a run in progress is recorded as cancelled; "
+            "the same command again continues (published tracks are skipped)",
+            highlight=False,
+        )
+        return EXIT_INTERRUPTED
+
+
+def _run_command(args: argparse.Namespace, term: Terminal) -> int:
     if args.command == "separate":
         return run_separate(args, term)
     if args.command == "catalog":
@@ -392,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             term,
             renamed=RENAMED,
             quiet=_quiet_prefect,
-            prefect_api=_prefect_api_of_this_process,
+            prefect_api=prefect_api_of_this_process,
             reporter=RichReporter,
         )
     return run_model_random(args, term)

@@ -260,7 +260,7 @@ class ShardDispatcher:
             return
         dead = set(self.catalog.runs_of_flow_run(shard.flow_run_id, running_only=True))
         for run_id in dead:
-            self.catalog.close_crashed_run(run_id, now())
+            self.catalog.close_unfinished_run(run_id, now(), "crashed")
         if dead:
             out = self.started.pipeline.context.output.out
             for path, holder in read_claims(out):

@@ -282,5 +282,5 @@ def clean(
         for item in dead:
             removed.append(item)
             if not dry_run:
-                catalog.close_crashed_run(item.location, datetime.now(UTC))
+                catalog.close_unfinished_run(item.location, datetime.now(UTC), "crashed")
     return report

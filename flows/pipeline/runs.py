@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
+from prefect.client.orchestration import get_client
 from pydantic import Field
 
 from catalog.backend import catalog_location, open_catalog, shown_location
@@ -70,6 +73,38 @@ class StartedRun:
         context = self.pipeline.context
         self.pipeline.claims.close()
         close_run_area(context.work_root, context.run_id)
+
+    def stopped(self, exc: BaseException) -> None:
+        """Close the run's catalog row when its flow stops before finishing it (`stopped_status`), with the
+        counts of the tracks it recorded. Never raises: the exception that stopped the run is the one to report."""
+        status = stopped_status(exc)
+        try:
+            self.pipeline.catalog.close_unfinished_run(self.record.run_id, now(), status)
+        except Exception as error:  # noqa: BLE001 - e.g. the catalog itself is what failed
+            logging.getLogger(__name__).warning(
+                "run %s stopped (%s) and could not be closed as %s: %s", self.record.run_id, exc, status, error
+            )
+
+
+def stopped_status(exc: BaseException) -> FinishedRunStatus:
+    """How a run that `exc` stopped ended: `cancelled` on Ctrl-C or when its Prefect flow run is being
+    cancelled (the worker's SIGTERM arrives as a TerminationSignal), `crashed` on another termination, `failed`
+    on an error."""
+    if isinstance(exc, KeyboardInterrupt) or _flow_run_cancelled():
+        return "cancelled"
+    return "failed" if isinstance(exc, Exception) else "crashed"
+
+
+def _flow_run_cancelled() -> bool:
+    run_id = flow_run_id()
+    if run_id is None:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(run_id)).state
+    except Exception:  # noqa: BLE001 - the API is unreachable: nothing says it was a cancellation
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 def start_run(

@@ -14,8 +14,10 @@ Step = Literal["fetch", "validate", "decode", "separate", "score", "publish"]
 # while recording (catalog), or somewhere no step claims (unknown).
 Stage = Literal["setup", "expand", Step, "catalog", "unknown"]
 TrackStatus = Literal["succeeded", "failed", "skipped"]
-# `crashed`: closed by `stemworks clean` after its process died without finishing it.
-FinishedRunStatus = Literal["completed", "failed", "crashed"]
+# `failed`: some track failed, or the run itself stopped on an error; `cancelled`: stopped by a Prefect
+# cancellation or an interrupt (Ctrl-C); `crashed`: its process died without finishing it (closed by
+# `stemworks clean`, or by a fanned-out parent for a lost shard run, or on a termination that was no cancel).
+FinishedRunStatus = Literal["completed", "failed", "crashed", "cancelled"]
 RunStatus = Literal["running", FinishedRunStatus]
 
 STEPS: tuple[Step, ...] = get_args(Step)
