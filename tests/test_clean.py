@@ -28,6 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
 
 
+def isolated_tmp(tmp_path: Path) -> Path:
+    folder = tmp_path / "tmp"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def dead_process(script: str, tmp_path: Path) -> int:
     """Run `script` (which prints 'ready' when it has done its part) in a process, then SIGKILL it."""
     process = subprocess.Popen(
@@ -74,13 +80,16 @@ def test_leftovers_of_dead_processes_go_those_of_live_ones_stay(tmp_path: Path) 
     args = ["clean", "--out", str(out), "--work-dir", str(work), "--catalog", str(catalog_path)]
     args += ["--stale-after-hours", "2"]
 
-    listed = stemworks(*args, "--dry-run", env=dict(os.environ))
+    # The system temp folder is where `clean` looks for dead CLI runs' Prefect databases: one of this test's
+    # own, so that another process's leftovers on the machine cannot change what it finds.
+    env = {**os.environ, "TMPDIR": str(isolated_tmp(tmp_path))}
+    listed = stemworks(*args, "--dry-run", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "dry run: would remove 4 items" in listed.stdout, listed.stdout
     assert (work / "deadrun").exists() and old.exists()
     assert catalog.query("SELECT count(*) FROM runs WHERE status = 'running'")[1] == [(3,)]
 
-    done = stemworks(*args, env=dict(os.environ))
+    done = stemworks(*args, env=env)
     assert done.returncode == 0, done.stderr
     assert "removed 4 items" in done.stdout, done.stdout
     assert not (work / "deadrun").exists() and not old.exists()
@@ -100,7 +109,7 @@ def test_leftovers_of_dead_processes_go_those_of_live_ones_stay(tmp_path: Path) 
 def test_retention_removes_superseded_then_old_outputs_and_views_follow(tmp_path: Path, model_repo: Path) -> None:
     music, out, catalog = tmp_path / "music", tmp_path / "stems", tmp_path / "c.duckdb"
     audio_file(music, "song.wav", "wav", seconds=1.0, seed=3)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "TMPDIR": str(isolated_tmp(tmp_path))}
     env.pop("PREFECT_API_URL", None)
     common = ["--model-repo", str(model_repo), "--model", MODEL_NAME, "--out", str(out), "--catalog", str(catalog)]
     for fmt in ("wav", "flac"):
