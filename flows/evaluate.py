@@ -338,7 +338,7 @@ def evaluate(
             work=pipeline.separate,
             finish=conclude,
         )
-        published = {o.job_key: o.published for _, (o, _) in zip(ready, scored, strict=True) if o.published}
+        published = {o.job_key: o.published for o, _ in scored if o.published}
         for item, (outcome, result) in zip(ready, scored, strict=True):
             same_content = published.get(outcome.job_key) if outcome.status == "skipped" else None
             if outcome.published is None and same_content is not None:
