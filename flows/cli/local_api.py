@@ -3,7 +3,7 @@
 Prefect's own ephemeral server is a child in the CLI's process group, so Ctrl-C in the terminal stops it at the
 same moment as the CLI, which then spends minutes retrying a dead API while it unwinds (and cannot report its
 run's end). This one runs in a session of its own: Ctrl-C reaches the CLI alone, the run is closed as
-`cancelled` through a server that is still there, and the server is stopped after. It still dies with the CLI
+`cancelled` through a server that is still there, and the server is stopped at exit. It still dies with the CLI
 (Linux: the parent-death signal), so a CLI killed outright leaves no server behind.
 """
 
@@ -52,12 +52,11 @@ def prefect_api_of_this_process() -> Iterator[None]:
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     with temporary_settings(updates=updates):
         server = _detached_server()
+        # Stopped at exit (`start` registers it): after Prefect's log handler has sent its last records, which
+        # it does at exit too, later-registered handlers running first.
         server.start(timeout=EPHEMERAL_STARTUP_TIMEOUT_S)
-        try:
-            with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-                yield
-        finally:
-            server.stop()
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
 
 
 def _detached_server() -> Any:
