@@ -14,7 +14,8 @@ import duckdb
 import numpy as np
 import pytest
 
-from tasks.core.settings import Limits
+from tasks.core.settings import Limits, OutputSettings, SeparationSettings, job_key
+from tasks.io.claims import Claim, release, try_claim
 from tasks.steps.evaluate.datasets import (
     ReferencesError,
     check_references,
@@ -171,6 +172,22 @@ def test_no_recognisable_items_exits_two_naming_the_layouts(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_datasets_that_cannot_be_listed_are_each_named_with_the_reason() -> None:
+    # No network is touched: an http(s) dataset and a scheme the source policy refuses are turned away before any
+    # request. (A local path that does not exist is refused earlier, on its own: "no such file or folder".)
+    datasets = ["http://127.0.0.1:9/set", "gs://bucket/set"]
+    result = run_cli("evaluate", *datasets, "--model", MODEL_NAME, env=dict(os.environ))
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert "  http://127.0.0.1:9/set: an http(s) URL cannot be listed: give a local path or an object-store URL" in (
+        result.stderr
+    )
+    refused = "  gs://bucket/set: refused: URL scheme 'gs' is not allowed"
+    assert any(line.startswith(refused) and "STEMWORKS_ALLOWED_SCHEMES" in line for line in lines), result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.slow
 @pytest.mark.testdata
 @pytest.mark.prefect_server
 def test_evaluate_scores_records_reports_and_compares_settings(
@@ -254,6 +271,29 @@ def test_evaluate_scores_records_reports_and_compares_settings(
         assert after.execute("SELECT run_id FROM runs WHERE run_id = ?", [last]).fetchall() == [(last,)]
         configs = "SELECT config, stem, items, median_sdr FROM evaluation_configs ORDER BY ALL"
         assert after.execute(configs).fetchall() == before.execute(configs).fetchall()
+
+    # A job that another run holds (a worker elsewhere separating the same mixture with the same settings): the
+    # item fails alone, naming the holder, and is not separated here.
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        sha, signature = con.execute(
+            "SELECT content_sha256, model_signature FROM evaluations WHERE run_id = ? AND item = 'refs/falcon'",
+            [run_id],
+        ).fetchone()
+    key = job_key(sha, signature, SeparationSettings(model=MODEL_NAME, shifts=2), OutputSettings())
+    claim = try_claim(str(out), key, run_id="run-elsewhere", source="falcon on another host", lease_s=3600)
+    assert isinstance(claim, Claim)
+    try:
+        held = stemworks("evaluate", str(dataset / "falcon.stem.m4a"), *common, "--shifts", "2", api_url=api_url)
+    finally:
+        release(claim)
+    assert held.returncode == 1, held.stdout + held.stderr
+    assert "0 evaluated, 1 failed" in held.stdout
+    assert "not separated here (being separated by run run-elsewhere" in held.stdout
+    assert "evaluate it again" in held.stdout
+    with duckdb.connect(str(catalog), read_only=True) as con:
+        (last,) = con.execute("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1").fetchone()
+        assert con.execute("SELECT status FROM tracks WHERE run_id = ?", [last]).fetchall() == [("skipped",)]
+        assert con.execute("SELECT count(*) FROM evaluations WHERE run_id = ?", [last]).fetchone() == (0,)
 
 
 def _artifact_keys(flow_run_id: str) -> set[str]:
