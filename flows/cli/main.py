@@ -18,9 +18,7 @@ from rich.table import Table
 
 from flows.cli import clean as clean_cli
 from flows.cli import evaluate as evaluate_cli
-from flows.cli.local_api import prefect_api_of_this_process
 from flows.cli.options import Renamed, add_settings_options, settings_from, settings_message
-from flows.cli.secret_sources import secrets_out_of_band
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
 
 if TYPE_CHECKING:  # imported for real only by the commands that run flows: `--help` stays fast
@@ -215,6 +213,8 @@ def run_separate(args: argparse.Namespace, term: Terminal) -> int:
 def _run_library(
     args: argparse.Namespace, separation: SeparationSettings, output: OutputSettings, limits: Limits, term: Terminal
 ) -> int:
+    from flows.cli.local_api import prefect_api_of_this_process
+
     term.status("starting Prefect (a temporary local API server unless PREFECT_API_URL is set)")
     with prefect_api_of_this_process():
         return _separate_with_progress(args, separation, output, limits, term)
@@ -223,6 +223,7 @@ def _run_library(
 def _separate_with_progress(
     args: argparse.Namespace, separation: SeparationSettings, output: OutputSettings, limits: Limits, term: Terminal
 ) -> int:
+    from flows.cli.secret_sources import secrets_out_of_band
     from flows.library import library_summary, separate_library
     from tasks.core.errors import ConfigurationError
     from tasks.core.progress import reporting_to
@@ -360,6 +361,8 @@ def _run_command(args: argparse.Namespace, term: Terminal) -> int:
     if args.command == "clean":
         return clean_cli.run(args, term)
     if args.command == "evaluate":
+        from flows.cli.local_api import prefect_api_of_this_process
+
         return evaluate_cli.run(
             args,
             term,
