@@ -3,7 +3,9 @@
 The whole `bss_eval_v4` call and each of its stages alone, best of `--repeats` after a warm-up: the samples-first
 copy, the silence check, the lagged correlations, the conditioning estimate, the block Levinson solves (all
 references; each source's own), the residual check, and the windows' projections and energies (in parallel, as
-`bss_eval_v4` runs them). What to attack next for the 50x-museval goal of `benchmarks/bsseval_speed.py`.
+`bss_eval_v4` runs them). Then the FFT work inside one `bss_eval_v4` call on one thread: how many points its
+transforms have and the CPU time they take, the part of the total that only a faster FFT could shrink. What to
+attack next for the 50x-museval goal of `benchmarks/bsseval_speed.py`.
 
     python benchmarks/bsseval_stages.py --out benchmarks/results/bsseval_stages.json
 """
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -80,10 +83,43 @@ def main() -> None:
         "seconds": round(length / 44100, 2),
         "windows": count,
         "stages_ms": {name: round(seconds * 1000, 1) for name, seconds in stages.items()},
+        "fft_one_thread": _fft_work(lambda: bsseval.bss_eval_v4(refs, ests), args.repeats),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+
+
+def _fft_work(function: Callable[[], object], repeats: int) -> dict[str, float]:
+    """The real FFTs inside `function()` with one thread: points transformed (real samples in or out) and their
+    time, best of `repeats`, beside the whole call's time on one thread."""
+    spent = {"seconds": 0.0, "points": 0.0}
+
+    def timed(transform: Callable[..., np.ndarray], inverse: bool) -> Callable[..., np.ndarray]:
+        def wrapper(a: np.ndarray, n: int | None = None, axis: int = -1) -> np.ndarray:
+            started = time.perf_counter()
+            result = transform(a, n=n, axis=axis)
+            spent["seconds"] += time.perf_counter() - started
+            length = result.shape[axis] if inverse else (n or a.shape[axis])
+            spent["points"] += result.size // result.shape[axis] * length
+            return result
+
+        return wrapper
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bsseval's thread count: its FFTs then run one at a time
+    try:
+        with mock.patch.multiple(np.fft, rfft=timed(np.fft.rfft, False), irfft=timed(np.fft.irfft, True)):
+            runs = []
+            for _ in range(repeats):
+                spent.update(seconds=0.0, points=0.0)
+                started = time.perf_counter()
+                function()
+                runs.append((time.perf_counter() - started, spent["seconds"], spent["points"]))
+    finally:
+        torch.set_num_threads(threads)
+    total, fft, points = min(runs)
+    return {"total_ms": round(total * 1000, 1), "fft_ms": round(fft * 1000, 1), "fft_points_m": round(points / 1e6, 2)}
 
 
 def _best(function: Callable[[], object], repeats: int) -> float:
