@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from tasks.io.claims import CLAIMS_DIR, Claim, ClaimKeeper, Holder, claim_path, 
 from tasks.io.processes import ProcessStamp
 from tests.helpers.audiogen import audio_file
 from tests.helpers.constants import MODEL_NAME
-from tests.helpers.servers import MotoServer, s3_env
+from tests.helpers.servers import MotoServer, Relay, clear_s3fs_cache, in_thread, s3_env
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = [f"{i:064x}" for i in range(12)]
@@ -184,3 +185,61 @@ def test_runs_started_at_once_on_one_output_separate_each_track_once(tmp_path: P
     assert len({uri for uri, _ in stems}) == len(stems) == 12
     assert len(list(out.glob("*/manifest.json"))) == 3
     assert not list((out / CLAIMS_DIR).glob("*.json")), "every claim was released"
+
+
+@pytest.mark.s3
+@pytest.mark.slow
+def test_s3_claim_writes_whose_reply_was_lost_stay_ours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store takes the claim (or its renewal) but the connection dies before the reply: the client's retry of
+    the conditional write then fails on the claim's own write. That claim is still this track's: a retried
+    claim must not report its own holder as someone else (the track would skip itself as "separated
+    elsewhere"), nor a retried renewal report the claim as lost."""
+    import boto3
+
+    moto = MotoServer(tmp_path / "moto.log").start()
+    relay = Relay(moto.port)
+    relay.up()
+    try:
+        for name, value in s3_env(relay.endpoint, "secret").items():
+            monkeypatch.setenv(name, value)
+        clear_s3fs_cache()
+        boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1").create_bucket(Bucket="claims")
+        out = "s3://claims/stems"
+
+        def lose_the_reply_of_the_next_claim_write() -> threading.Thread:
+            tripped = relay.down_on(rf"^PUT /claims/stems/{CLAIMS_DIR}/".encode(), lose_reply=True)
+
+            def back_up() -> None:
+                tripped.wait(timeout=60)
+                deadline = time.monotonic() + 30
+                while True:  # the port is free once the relay's accepting thread has let go of it
+                    try:
+                        relay.up()
+                        return
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+
+            return in_thread(back_up)
+
+        watcher = lose_the_reply_of_the_next_claim_write()
+        claim = try_claim(out, KEYS[5], run_id="a", source="s")
+        watcher.join(timeout=60)
+        assert relay.tripped.is_set(), "no claim write went through the relay"
+        assert isinstance(claim, Claim), f"its own claim came back as another holder: {claim}"
+        [(_, holder)] = read_claims(out)
+        assert holder == claim.holder
+
+        watcher = lose_the_reply_of_the_next_claim_write()
+        assert renew(claim), "a renewal whose reply was lost came back as a lost claim"
+        watcher.join(timeout=60)
+        assert relay.tripped.is_set()
+        assert renew(claim)  # the etag it keeps is the store's
+        assert isinstance(try_claim(out, KEYS[5], run_id="b", source="s"), Holder)
+        release(claim)
+        assert read_claims(out) == []
+    finally:
+        clear_s3fs_cache()
+        relay.down()
+        moto.stop()

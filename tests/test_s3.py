@@ -24,7 +24,7 @@ from tests.helpers.cli import stemworks
 from tests.helpers.constants import MODEL_NAME
 from tests.helpers.flows import library_run
 from tests.helpers.manifests import manifest_for
-from tests.helpers.servers import MotoServer, Relay, in_thread, s3_env
+from tests.helpers.servers import MotoServer, Relay, clear_s3fs_cache, in_thread, s3_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "wJalrXUtnFEMI-K7MDENG-stemworks-SECRET"
@@ -33,12 +33,6 @@ SOURCES = "label-archive"
 OUT = "label-stems"
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]  # moto runs as a process of its own
-
-
-def clear_s3fs_cache() -> None:
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint they were built with
 
 
 @pytest.fixture(scope="module")

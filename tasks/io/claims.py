@@ -326,6 +326,9 @@ class _S3Backend(_Backend):
             if found is None:
                 continue  # released between our write and our read
             current, current_etag = found
+            if current is not None and current.token == holder.token:
+                # our own write, whose reply was lost: the client's retry of it is what failed
+                return Claim(out=out, holder=holder, etag=current_etag)
             if current is not None and not current.stale():
                 return current
             etag = self._put(fs, target, holder, IfMatch=current_etag)  # take over a lapsed claim
@@ -337,7 +340,10 @@ class _S3Backend(_Backend):
         renewed = claim.holder.model_copy(update={"expires_at": expires})
         etag = self._put(fs, path, renewed, IfMatch=claim.etag or "")
         if etag is None:
-            return False
+            found = self._get(fs, path)  # lost to a takeover, or our renewal landed and only its reply was lost
+            if found is None or found[0] != renewed:
+                return False
+            etag = found[1]
         claim.holder, claim.etag = renewed, etag
         return True
 

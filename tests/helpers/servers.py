@@ -76,7 +76,7 @@ class Relay:
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._trip: tuple[re.Pattern[bytes], bool] | None = None
+        self._trip: tuple[re.Pattern[bytes], str] | None = None
         self.tripped = threading.Event()
 
     @property
@@ -104,12 +104,14 @@ class Relay:
                 sock.close()
             self._open.clear()
 
-    def down_on(self, request: bytes, *, after_reply: bool = False) -> threading.Event:
-        """Go down when a request line matches the regex `request`: before the server sees it, or right
-        after its reply has reached the client. A watcher polling the store would race a fast upload;
-        this cuts at the same request every time. Returns the event set when it went down."""
+    def down_on(self, request: bytes, *, after_reply: bool = False, lose_reply: bool = False) -> threading.Event:
+        """Go down when a request line matches the regex `request`: before the server sees it, right after its
+        reply has reached the client (`after_reply`), or as its reply arrives, which the client then never
+        gets although the server did the work (`lose_reply`). A watcher polling the store would race a fast
+        upload; this cuts at the same request every time. Returns the event set when it went down."""
+        when = "lose_reply" if lose_reply else "after_reply" if after_reply else "before"
         with self._lock:
-            self._trip = (re.compile(request, re.MULTILINE), after_reply)
+            self._trip = (re.compile(request, re.MULTILINE), when)
             self.tripped = threading.Event()
             return self.tripped
 
@@ -117,14 +119,14 @@ class Relay:
         with self._lock:
             self._trip = None
 
-    def _matches_trip(self, data: bytes) -> bool | None:
-        """None when data does not trip the wire; else whether to wait for the reply before going down."""
+    def _matches_trip(self, data: bytes) -> str | None:
+        """None when data does not trip the wire; else when to go down: "before", "after_reply", "lose_reply"."""
         with self._lock:
             if self._trip is None or not self._trip[0].search(data):
                 return None
-            after_reply = self._trip[1]
+            when = self._trip[1]
             self._trip = None
-            return after_reply
+            return when
 
     def _go_down(self) -> None:
         self.down()
@@ -147,7 +149,7 @@ class Relay:
 
     def _pipe(self, client: socket.socket, upstream: socket.socket) -> None:
         pair = [client, upstream]
-        down_after_reply = False
+        tripped: str | None = None
         reply = b""
         try:
             while True:
@@ -158,13 +160,16 @@ class Relay:
                     data = sock.recv(1 << 16)
                     if not data:
                         return
-                    if sock is client and (after_reply := self._matches_trip(data)) is not None:
-                        if not after_reply:
+                    if sock is client and (when := self._matches_trip(data)) is not None:
+                        if when == "before":
                             self._go_down()
                             return
-                        down_after_reply = True
+                        tripped = when
+                    if tripped == "lose_reply" and sock is upstream and not data.startswith(b"HTTP/1.1 100"):
+                        self._go_down()  # the reply dies here: the server acted, the client never hears
+                        return
                     (upstream if sock is client else client).sendall(data)
-                    if down_after_reply and sock is upstream:
+                    if tripped == "after_reply" and sock is upstream:
                         reply += data  # a reply may come in several pieces (and after a 100 Continue)
                         if reply_is_complete(reply):
                             self._go_down()
@@ -307,6 +312,12 @@ class MediaServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def clear_s3fs_cache() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint they were built with
 
 
 def s3_env(endpoint: str, secret: str) -> dict[str, str]:
