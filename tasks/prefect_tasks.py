@@ -14,6 +14,7 @@ from typing import Any
 from prefect import runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.utilities.math import clamped_poisson_interval
 
 from tasks.core.evaluation import DatasetItem, StemScore
 from tasks.core.records import (
@@ -80,12 +81,19 @@ def _policy(step: Step, retries: int, delays: list[int] | int = 0) -> dict[str, 
         "retries": retries,
         "retry_delay_seconds": delays,
         "retry_condition_fn": retry_if_transient,
-        "retry_jitter_factor": 0.5,
+        "retry_jitter_factor": IO_RETRY_JITTER,
     }
 
 
 # Storage and network I/O: retried three times with growing delays (plus the store clients' own retries).
 IO_RETRY_DELAYS_S = [2, 10, 30]
+# Delays vary by up to +50% (and less below), so many tracks that failed together do not retry together.
+IO_RETRY_JITTER = 0.5
+
+
+def io_retry_delays() -> list[float]:
+    """The I/O tasks' retry delays, jittered as Prefect jitters them: for store calls made outside those tasks."""
+    return [clamped_poisson_interval(delay, IO_RETRY_JITTER) for delay in IO_RETRY_DELAYS_S]
 
 
 @contextmanager

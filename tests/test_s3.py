@@ -17,6 +17,7 @@ import pytest
 from tasks import prefect_tasks as steps
 from tasks.core.errors import PublishError
 from tasks.core.settings import Limits, OutputSettings, SeparationSettings
+from tasks.io.claims import CLAIMS_DIR
 from tasks.io.manifest import MANIFEST_NAME as MANIFEST
 from tasks.steps.publish import publish
 from tests.helpers.audiogen import audio_file
@@ -186,27 +187,33 @@ def test_failed_publish_aborts_multipart_uploads_and_leaves_no_manifest(store, t
     assert objects(client, f"{folder}/") == {}  # neither a manifest nor the stem it would have listed
 
 
+CLAIM = rf"{re.escape(CLAIMS_DIR)}/\w+\.json"  # a job claim, taken right before separating
+ENDS = {"manifest": re.escape(MANIFEST), "stem": r"\.wav", "claim": CLAIM}
+
+
 @pytest.mark.prefect_server
 @pytest.mark.parametrize(
     "trigger, back_after",
     [
-        (MANIFEST, None),  # down between tracks: the next tracks cannot even check the destination
-        (".wav", None),  # down in the middle of a publish: retried with backoff, then the track fails
-        (".wav", 1.5),  # a short blip in the middle of a publish: retries ride it out
+        ("manifest", None),  # down between tracks: the next tracks cannot even check the destination
+        ("stem", None),  # down in the middle of a publish: retried with backoff, then the track fails
+        ("stem", 1.5),  # a short blip in the middle of a publish: retries ride it out
+        ("claim", 5.0),  # down as the first track takes its claim, past the S3 client's own retries: ridden out
     ],
 )
 def test_store_outage_mid_run_fails_cleanly_and_rerun_completes(
     store, model_repo, tmp_path, monkeypatch, prefect_harness, trigger, back_after
 ) -> None:
     monkeypatch.setattr(steps, "publish", steps.publish.with_options(retry_delay_seconds=[0.5, 1, 1]))
+    monkeypatch.setattr(steps, "IO_RETRY_DELAYS_S", [1, 3, 6])  # the store calls between steps
     sources = [str(audio_file(tmp_path / "in", f"t{i}.wav", "wav", seconds=1.0, seed=20 + i)) for i in range(3)]
     relay, client, catalog = store["relay"], store["client"], tmp_path / "c.duckdb"
     prefix = f"outage-{tmp_path.name}/"
 
-    # The relay cuts at the first stem upload (mid-publish) or right after the first manifest is stored
-    # (between tracks): the same request every run, however fast the uploads are.
-    target = rf"^PUT /{OUT}/{re.escape(prefix)}\S*{re.escape(trigger)}[ ?]".encode()
-    tripped = relay.down_on(target, after_reply=trigger == MANIFEST)
+    # The relay cuts at the first claim, the first stem upload (mid-publish) or right after the first manifest
+    # is stored (between tracks): the same request every run, however fast the uploads are.
+    target = rf"^PUT /{OUT}/{re.escape(prefix)}\S*{ENDS[trigger]}[ ?]".encode()
+    tripped = relay.down_on(target, after_reply=trigger == "manifest")
 
     def outage() -> None:
         tripped.wait()
@@ -216,22 +223,31 @@ def test_store_outage_mid_run_fails_cleanly_and_rerun_completes(
 
     watcher = in_thread(outage)
     try:
-        first = run(sources, f"s3://{OUT}/{prefix}", catalog, model_repo)
+        with pytest.MonkeyPatch.context() as env:  # undone before the cache is cleared: later tests retry as usual
+            if trigger == "claim":
+                env.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore alone would ride out a short outage
+                clear_s3fs_cache()
+            first = run(sources, f"s3://{OUT}/{prefix}", catalog, model_repo)
     finally:
         went_down = tripped.is_set()
         relay.disarm()
         tripped.set()  # releases the watcher when nothing matched
         watcher.join(timeout=60)
         relay.up()
+        clear_s3fs_cache()
     assert went_down, f"no request matched {target!r}"
     statuses = [t.status for t in first.tracks]
     if back_after is None:
-        assert statuses[0] == ("succeeded" if trigger == MANIFEST else "failed") and "failed" in statuses[1:]
+        assert statuses[0] == ("succeeded" if trigger == "manifest" else "failed") and "failed" in statuses[1:]
     else:
         assert statuses == ["succeeded"] * 3, first.tracks
     for track in (t for t in first.tracks if t.status == "failed"):
-        assert track.error_step == "publish" and "Could not connect to the endpoint URL" in track.error
-        assert SECRET not in track.error
+        assert "Could not connect to the endpoint URL" in track.error and SECRET not in track.error
+        # A track meets the outage in whichever store call it is making: checking its destination or
+        # publishing (step publish), or taking its job claim right before separating (step separate).
+        assert track.error_step == "publish" or (track.error_step == "separate" and "job claim" in track.error)
+    if trigger == "stem" and back_after is None:
+        assert first.tracks[0].error_step == "publish"
     assert assert_manifests_complete(client, prefix) == statuses.count("succeeded")
     assert client.list_multipart_uploads(Bucket=OUT, Prefix=prefix).get("Uploads", []) == []
 

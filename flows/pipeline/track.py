@@ -7,17 +7,20 @@ track's work area once the track is over.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
-from prefect import runtime
+from prefect import get_run_logger, runtime
+from prefect.exceptions import MissingContextError
 from pydantic import Field
 
 from catalog import Catalog
@@ -38,12 +41,14 @@ from tasks.core.settings import job_key
 from tasks.core.vocabulary import Stage, Step, TrackStatus
 from tasks.engine.models import load_model, precision_for
 from tasks.io.claims import Claim, ClaimKeeper, Holder
+from tasks.io.faults import retry_transient
 from tasks.io.locations import normalise, raw_bytes_hex, redact
 from tasks.io.manifest import complete_manifest, manifest_uri, read_manifest
 from tasks.io.processes import alive_since, worker_label
 from tasks.steps.publish import AlreadyPublishedError, track_folder
 
 ALREADY_PUBLISHED = "already published with the same model and settings"
+T = TypeVar("T")
 
 
 def now() -> datetime:
@@ -59,6 +64,20 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, StemworksError):
         return exc.reason
     return f"{type(exc).__name__}: {exc}"
+
+
+def store_call(label: str, call: Callable[[], T]) -> T:
+    """A store call a track makes between its steps (the destination check, its job claim), retried on
+    transient failures with the fetch and publish tasks' delays: a store blip there does not fail the track."""
+
+    def warn(exc: BaseException, delay: float) -> None:
+        try:
+            logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = get_run_logger()
+        except MissingContextError:
+            logger = logging.getLogger(__name__)
+        logger.warning("%s: %s; retrying in %.1f s", label, describe_error(exc), delay)
+
+    return retry_transient(call, steps.io_retry_delays(), on_retry=warn)
 
 
 class TrackFacts(Record):
@@ -213,7 +232,7 @@ class TrackPipeline:
             )
             log.learn(job_key=key)
             folder = track_folder(source, key, title=fetched.origin.get("title"))
-            existing = self.existing_manifest(folder, key, ask_catalog=ask_catalog)
+            existing = store_call(log.label, lambda: self.existing_manifest(folder, key, ask_catalog=ask_catalog))
             if existing is not None:
                 shutil.rmtree(work_dir, ignore_errors=True)
                 return Prepared(log, log.skipped(existing))
@@ -245,11 +264,12 @@ class TrackPipeline:
         if isinstance(work, TrackOutcome):
             return work
         try:
-            existing = self.existing_manifest(work.folder, work.job_key)
+            existing = store_call(log.label, lambda: self.existing_manifest(work.folder, work.job_key))
             if existing is not None:  # published while this track waited its turn, or known to the catalog
                 shutil.rmtree(work.work_dir, ignore_errors=True)
                 return log.skipped(existing)
-            claim = self.claims.acquire(work.job_key, work.source)
+            # A retry after a claim write whose reply was lost finds that claim abandoned by this process: taken.
+            claim = store_call(log.label, lambda: self.claims.acquire(work.job_key, work.source))
         except Exception as exc:  # noqa: BLE001 - a bad track must never stop the library
             shutil.rmtree(work.work_dir, ignore_errors=True)
             return log.failed(exc)
@@ -259,7 +279,7 @@ class TrackPipeline:
         try:
             # Published (and recorded) by the claim's previous holder between our first look and our claim?
             # The catalog is asked too: the same audio under another name is published in another folder.
-            existing = self.existing_manifest(work.folder, work.job_key)
+            existing = store_call(log.label, lambda: self.existing_manifest(work.folder, work.job_key))
             if existing is not None:
                 self.claims.release(claim)
                 shutil.rmtree(work.work_dir, ignore_errors=True)

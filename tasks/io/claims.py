@@ -131,7 +131,7 @@ def try_claim(out: str, job_key: str, *, run_id: str, source: str, lease_s: floa
         _HELD_HERE.add(holder.token)
     got: Claim | Holder | None = None
     try:
-        with _store_errors(out, "claiming"):
+        with _store_errors(out, "taking"):
             fs, root = filesystem(out)
             got = _backend(fs).acquire(fs, claim_path(root, job_key), holder, out)
     finally:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from tasks.core.errors import StemworksError
+
+T = TypeVar("T")
 
 
 class NotRegularFileError(OSError):
@@ -98,3 +103,26 @@ def describe(exc: BaseException) -> str:
     """One line for users and the catalog: the error's own message (never the request's credentials)."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if type(exc).__module__.startswith(("botocore", "aiohttp")) else text
+
+
+def retry_transient(
+    call: Callable[[], T],
+    delays: Sequence[float],
+    *,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> T:
+    """`call()`, called again after each of `delays` while it fails transiently (`is_transient`).
+
+    For store calls made outside a retried Prefect task. A permanent failure, or the last transient one,
+    is raised.
+    """
+    for delay in delays:
+        try:
+            return call()
+        except Exception as exc:  # classified by is_transient; the rest re-raised as they are
+            if not is_transient(exc):
+                raise
+            if on_retry is not None:
+                on_retry(exc, delay)
+            time.sleep(delay)
+    return call()
