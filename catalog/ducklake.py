@@ -28,7 +28,6 @@ Concurrency design (compare catalog/store.py, whose lock files are for local Duc
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import random
@@ -45,7 +44,16 @@ import duckdb
 
 from catalog.errors import CatalogBusyError, CatalogError
 from catalog.schema import MIGRATIONS, SCHEMA_VERSION, TABLES, create_table_statements
-from catalog.store import DEFAULT_BUSY_TIMEOUT_S, Catalog, _check_columns, _scalar, _set_version, _sql_text
+from catalog.store import (
+    DEFAULT_BUSY_TIMEOUT_S,
+    Catalog,
+    _check_columns,
+    _rollback,
+    _scalar,
+    _set_version,
+    _sql_text,
+    interrupts_kept,
+)
 from catalog.views import create_view_statements
 
 PREFIX = "ducklake:"
@@ -287,9 +295,10 @@ class DuckLakeCatalog(Catalog):
         """A cursor of the attached lake, with the lake as the default database (unqualified names work)."""
         con = self._database().cursor()
         try:
-            con.execute(f"USE {ALIAS}")
-            con.execute("SET TimeZone = 'UTC'")
-            yield con
+            with interrupts_kept(con):
+                con.execute(f"USE {ALIAS}")
+                con.execute("SET TimeZone = 'UTC'")
+                yield con
         finally:
             con.close()
 
@@ -397,11 +406,6 @@ class DuckLakeCatalog(Catalog):
         finally:
             database.execute("DETACH stemworks_source")
         return before
-
-
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    with contextlib.suppress(duckdb.Error):
-        con.execute("ROLLBACK")
 
 
 def _one_line(exc: BaseException) -> str:

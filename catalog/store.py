@@ -58,6 +58,7 @@ from tasks.core.vocabulary import FinishedRunStatus
 
 # DuckDB's message when another process holds a conflicting lock on the file (duckdb 1.x and 2.x).
 _LOCK_CONFLICT = "Could not set lock on file"
+_QUERY_INTERRUPTED = "Query interrupted"  # DuckDB's error for a Ctrl-C (SIGINT) that arrived during a query
 _FIRST_PAUSE_S, _MAX_PAUSE_S = 0.002, 0.05
 DEFAULT_BUSY_TIMEOUT_S = 600.0
 EXPORT_FORMATS = ("parquet", "csv")
@@ -301,8 +302,9 @@ class Catalog:
         ):
             con = self._open_waiting(read_only, deadline)
             try:
-                con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
-                yield con
+                with interrupts_kept(con):
+                    con.execute("SET TimeZone = 'UTC'")  # TIMESTAMPTZ values come back in UTC whatever the host's zone
+                    yield con
             finally:
                 con.close()
 
@@ -484,8 +486,30 @@ def _sql_text(text: str) -> str:
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
     # A failed COMMIT has already rolled back, and then ROLLBACK itself fails; the original error matters.
+    # After a Ctrl-C, ROLLBACK can wait for the interrupted statement to finish unless it is interrupted again.
+    con.interrupt()
     with contextlib.suppress(duckdb.Error):
         con.execute("ROLLBACK")
+
+
+@contextmanager
+def interrupts_kept(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Around a connection's use: a Ctrl-C that DuckDB turned into an error is raised as the KeyboardInterrupt
+    it was, and whatever an error left running is interrupted, so that closing the connection does not wait.
+
+    DuckDB consumes a SIGINT that arrives during a query and raises `RuntimeError("Query interrupted")`: the
+    pipeline would take it for one track's failed catalog query and go on with the run. Closing the
+    connection then can wait for the interrupted query to finish (hours, for a big one).
+    """
+    try:
+        yield
+    except BaseException as exc:
+        con.interrupt()
+        if isinstance(exc, duckdb.InterruptException) or (
+            isinstance(exc, RuntimeError) and str(exc) == _QUERY_INTERRUPTED
+        ):
+            raise KeyboardInterrupt from exc
+        raise
 
 
 def _run_exists(con: duckdb.DuckDBPyConnection, run_id: str) -> bool:

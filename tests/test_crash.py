@@ -7,6 +7,7 @@ folder, no claim, no work files, no temporary Prefect database, no run still `ru
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from catalog import Catalog
 from tasks.io.claims import CLAIMS_DIR
 from tasks.io.manifest import STAGING_DIR
 from tests.helpers.audiogen import audio_file
@@ -124,8 +126,8 @@ def test_ctrl_c_closes_the_run_as_cancelled_and_leaves_nothing_behind(tmp_path: 
         time.sleep(0.1)
     assert run.poll() is None, "the run ended before a track was published: nothing to interrupt"
     os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends: the CLI and its Prefect server
-    _, stderr = run.communicate(timeout=300)
-    assert run.returncode == 130, stderr[-4000:]
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 130, stdout[-2000:] + stderr[-4000:]
     assert "interrupted: what was published is kept" in stderr and "Traceback" not in stderr, stderr[-4000:]
     with duckdb.connect(str(catalog), read_only=True) as con:
         runs = con.execute("SELECT status, tracks_total, tracks_succeeded FROM runs").fetchall()
@@ -135,3 +137,38 @@ def test_ctrl_c_closes_the_run_as_cancelled_and_leaves_nothing_behind(tmp_path: 
     assert not (out / STAGING_DIR).exists() or not any((out / STAGING_DIR).iterdir())
     assert not (out / CLAIMS_DIR).exists() or not any((out / CLAIMS_DIR).iterdir())
     assert not work.exists() or not any(work.iterdir())
+
+
+def test_ctrl_c_during_a_catalog_query_stops_the_command(tmp_path: Path) -> None:
+    """DuckDB takes a Ctrl-C that arrives mid-query for a failed query (`RuntimeError: Query interrupted`): in a
+    run, one track failed and the run went on. It must stop the command like any Ctrl-C: exit 130, no traceback."""
+    catalog = tmp_path / "c.duckdb"
+    Catalog(catalog)
+    endless = "SELECT count(*) FROM range(1000000000000) AS t(i) WHERE i % 7 = 3"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    query = [sys.executable, "-m", "flows.cli", "catalog", "query", endless, "--catalog", str(catalog)]
+    run = subprocess.Popen(query, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while run.poll() is None and not reading(catalog) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.poll() is None, "the query ended before it could be interrupted"
+        time.sleep(0.5)  # into the query itself (opening the file takes milliseconds); either way it must stop
+        run.send_signal(signal.SIGINT)
+        stdout, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()  # the query would otherwise run on for hours
+    assert run.returncode == 130, stdout[-2000:] + stderr[-4000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr, stderr[-4000:]
+
+
+def reading(catalog: Path) -> bool:
+    """Whether some process holds the catalog's sidecar lock (a reader holds it shared while its query runs)."""
+    fd = os.open(f"{catalog}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock we took
+    return False

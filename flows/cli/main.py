@@ -345,11 +345,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_command(args, term)
     except KeyboardInterrupt:
-        term.err.print(
-            "interrupted: what was published is kept, and a run in progress is recorded as cancelled; "
-            "the same command again continues (published tracks are skipped)",
-            highlight=False,
-        )
+        if args.command in ("separate", "evaluate"):
+            term.err.print(
+                "interrupted: what was published is kept, and a run in progress is recorded as cancelled; "
+                "the same command again continues (published tracks are skipped)",
+                highlight=False,
+            )
+        else:
+            term.err.print("interrupted", highlight=False)
         return EXIT_INTERRUPTED
 
 
