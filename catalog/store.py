@@ -487,9 +487,15 @@ def _sql_text(text: str) -> str:
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
     # A failed COMMIT has already rolled back, and then ROLLBACK itself fails; the original error matters.
     # After a Ctrl-C, ROLLBACK can wait for the interrupted statement to finish unless it is interrupted again.
-    con.interrupt()
+    _interrupt(con)
     with contextlib.suppress(duckdb.Error):
         con.execute("ROLLBACK")
+
+
+def _interrupt(con: duckdb.DuckDBPyConnection) -> None:
+    """Stop whatever the connection still runs; nothing when an error has already closed it."""
+    with contextlib.suppress(duckdb.Error):
+        con.interrupt()
 
 
 @contextmanager
@@ -504,7 +510,7 @@ def interrupts_kept(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        con.interrupt()
+        _interrupt(con)
         if isinstance(exc, duckdb.InterruptException) or (
             isinstance(exc, RuntimeError) and str(exc) == _QUERY_INTERRUPTED
         ):
